@@ -1,0 +1,168 @@
+"""The jobs behind the CLI, as functions: quantize a model to a checkpoint, fake-quantize in memory,
+measure perplexity, generate text."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch import arch_for, get_module
+from .awq import SearchConfig
+from .checkpoint import CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors
+from .data import calibration_rows, eval_windows, load_text
+from .evaluate import perplexity
+from .models import is_quantized_checkpoint, load_fp, resolve
+from .quant import QuantConfig
+from .quantize import quantizable_linears, quantize_model
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Compute dtype: bf16 by default (fast AVX-512 bf16 matmuls on CPU; fp16 overflows on Gemma)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+def check_group_size(model, qcfg: QuantConfig) -> None:
+    """Fail before any work when the group size does not divide some quantized linear's input dim."""
+    arch = arch_for(model.config)
+    for i, block in enumerate(get_module(model, arch.layers)):
+        for name, lin in quantizable_linears(block).items():
+            qcfg.groups(lin.in_features, f"{arch.layers}.{i}.{name}")
+
+
+def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Tensor | None = None,
+                  scfg: SearchConfig | None = None, device=None, dtype=None, on_block=None,
+                  progress: bool = True):
+    """Quantize `model` in place (weights become their dequantized 4-bit values). Returns block reports."""
+    arch = arch_for(model.config)
+    check_group_size(model, qcfg)
+    if method == "awq":
+        if rows is None:
+            raise ValueError("AWQ needs calibration rows")
+        scfg = scfg or SearchConfig()
+    elif method == "rtn":
+        scfg = None
+    else:
+        raise ValueError(f"unknown method {method!r} (awq or rtn)")
+    return quantize_model(model, arch, qcfg, rows, scfg, device=pick_device(device), dtype=pick_dtype(dtype),
+                          on_block=on_block, progress=progress)
+
+
+def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str = "awq", calib: str = "lee",
+             n_rows: int = 128, seqlen: int = 512, seed: int = 0, scfg: SearchConfig | None = None,
+             device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None):
+    """Quantize a model into an AWQ GEMM checkpoint at `out`. Returns (out path, the fake-quantized model
+    in memory, tokenizer). `loaded` = (model, tokenizer) skips loading (the model is modified)."""
+    t0 = time.time()
+    if qcfg.bits != 4:
+        raise ValueError("the AWQ GEMM checkpoint stores 4-bit weights; other bit widths are for "
+                         "in-memory evaluation (salience eval --fake-quant)")
+    m, tok = loaded if loaded is not None else load_fp(model, dtype=pick_dtype(dtype))[:2]
+    arch = arch_for(m.config)
+    check_group_size(m, qcfg)
+    save_dtype = getattr(torch, arch.dtype)
+    rows = None
+    t_data = time.time()
+    if method == "awq":
+        rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
+    t_data = time.time() - t_data
+    writer = CheckpointWriter(out, overwrite=overwrite)
+    writer.add(rest_tensors(m, arch.layers, save_dtype))
+
+    def on_block(res, block):
+        writer.add(block_tensors(f"{arch.layers}.{res.index}.", block, res, save_dtype))
+        writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
+
+    t_q = time.time()
+    scfg = scfg or SearchConfig()
+    reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress)
+    t_q = time.time() - t_q
+    config = m.config.to_dict()
+    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size)
+    config["dtype"] = arch.dtype
+    config.pop("torch_dtype", None)
+    report = {
+        "salience_version": __version__, "model": str(model or "smollm2"), "method": method,
+        "bits": qcfg.bits, "group_size": qcfg.group_size,
+        "calibration": {"source": calib, "rows": n_rows, "seqlen": seqlen, "seed": seed} if rows is not None
+        else None,
+        "search": scfg.__dict__ if method == "awq" else None,
+        "compute": {"device": str(pick_device(device)), "dtype": str(pick_dtype(dtype)),
+                    "machine": platform.machine(), "torch": torch.__version__},
+        "seconds": {"calibration_data": round(t_data, 2), "quantize": round(t_q, 2),
+                    "total": round(time.time() - t0, 2)},
+        "blocks": reports,
+    }
+    path = writer.close(config, tok, report)
+    return path, m, tok
+
+
+def load_any(model: str | None, dtype=None):
+    """A quantized checkpoint (QuantLinear) or a full-precision model. -> (model, tokenizer)."""
+    folder, gguf = resolve(model)
+    dt = pick_dtype(dtype)
+    if gguf is None and is_quantized_checkpoint(folder):
+        return load_quantized(folder, dtype=dt)
+    m, tok, _ = load_fp(model, dtype=dt)
+    return m, tok
+
+
+def ppl(model, tok, source: str = "wiki", seqlen: int = 512, max_windows: int | None = 64, device=None,
+        desc: str = "ppl", progress: bool = True) -> float:
+    windows, n_prefix = eval_windows(tok, load_text(source), seqlen=seqlen, max_windows=max_windows,
+                                     source=source)
+    dev = pick_device(device)
+    model.to(dev)
+    try:
+        return perplexity(model, windows, n_prefix, device=dev, desc=desc, progress=progress)
+    finally:
+        model.to("cpu")
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, chat: bool = False, device=None) -> str:
+    """Greedy (temperature 0) or sampled continuation of `prompt`."""
+    dev = pick_device(device)
+    model.to(dev)
+    if chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(ids, **kw)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))

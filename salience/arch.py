@@ -1,0 +1,136 @@
+"""Per-architecture structure as data: where the decoder blocks are, and the AWQ scaling groups.
+
+A scaling group says: the output channels of `prev` (a norm, or some output rows of a linear) feed the
+input channels of `linears`; scaling those inputs by s and the prev op's output by 1/s is exact in full
+precision (AWQ, Lin et al. 2024, sec. 3.2). The scale is chosen to minimise the error of `inspect`'s
+output (a module of the block; a single linear means the loss is the exact Gram form tr(dW G dW^T)).
+
+A new family costs one entry in ARCHS, keyed by config.model_type. Names are relative to one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    prev: str  # module whose output feeds `linears` (a norm or a linear)
+    linears: tuple[str, ...]  # linears that read prev's output
+    inspect: str  # module whose output error is the search loss
+    # For a prev linear whose output is split (fused qkv, gate_up): (index, count) of the equal chunk of
+    # its output rows that feeds `linears`. None = all rows.
+    prev_chunk: tuple[int, int] | None = None
+    # Optional groups are skipped when shapes disagree (e.g. v_proj -> o_proj under GQA, where one v
+    # channel feeds several heads' o_proj columns); the report lists skipped groups.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # attribute path of the ModuleList of decoder blocks, from the CausalLM model
+    groups: tuple[ScaleGroup, ...]
+    # Linears of a block that are quantized but are in no group's `linears` get only the clip search.
+    # Norms computing x * (1 + w) (Gemma) fold 1/s as (1 + w) / s - 1.
+    norm_plus_one: bool = False
+    # Linears whose clip search is skipped (q/k: their error is shaped by softmax; reference behaviour).
+    no_clip: tuple[str, ...] = ()
+    # 16-bit dtype for the unquantized tensors of the checkpoint (Gemma overflows in fp16).
+    dtype: str = "float16"
+    notes: tuple[str, ...] = field(default=())
+
+
+_LLAMA = Arch(
+    layers="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", optional=True),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+# Gemma 2/3 add a norm after attention and one before and after the MLP: the MLP's input norm is
+# pre_feedforward_layernorm (post_attention_layernorm normalises the attention output).
+_GEMMA23 = Arch(
+    layers="model.layers",
+    groups=(
+        _LLAMA.groups[0],
+        _LLAMA.groups[1],
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        _LLAMA.groups[3],
+    ),
+    norm_plus_one=True,
+    no_clip=_LLAMA.no_clip,
+    dtype="bfloat16",
+)
+
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,  # q/k/v biases: scaling input columns leaves a bias unchanged
+    "qwen3": _LLAMA,  # q_norm/k_norm act per head after q/k_proj, untouched by input scaling
+    "gemma": Arch(layers="model.layers", groups=_LLAMA.groups, norm_plus_one=True,
+                  no_clip=_LLAMA.no_clip, dtype="bfloat16"),
+    "gemma2": _GEMMA23,
+    "gemma3_text": _GEMMA23,
+    "phi3": Arch(
+        layers="model.layers",
+        groups=(
+            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+            # v is the last third of qkv only without GQA (q, k, v of equal width)
+            ScaleGroup("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj", prev_chunk=(2, 3),
+                       optional=True),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+            # gate_up's output is chunk(2): [gate | up]; only up feeds down linearly
+            ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_chunk=(1, 2)),
+        ),
+        no_clip=("self_attn.qkv_proj",),
+    ),
+    "opt": Arch(
+        layers="model.decoder.layers",
+        groups=(
+            ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                       "self_attn"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj", optional=True),
+            ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+            ScaleGroup("fc1", ("fc2",), "fc2"),  # relu(x / s) = relu(x) / s for s > 0
+        ),
+        no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+        notes=("OPT-350m (do_layer_norm_before=False) puts the norms after the sublayers: not supported",),
+    ),
+    "gpt_neox": Arch(
+        layers="gpt_neox.layers",
+        groups=(
+            ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+            ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+            # No dense_h_to_4h -> dense_4h_to_h group: GELU(x / s) != GELU(x) / s, so the fold is not
+            # exact. No qkv -> dense group: v rows are interleaved per head in query_key_value.
+        ),
+        no_clip=("attention.query_key_value",),
+    ),
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def arch_for(config) -> Arch:
+    """The table entry for a transformers config; a clear error naming the supported families."""
+    mt = getattr(config, "model_type", None)
+    if mt not in ARCHS:
+        raise UnsupportedArchitecture(
+            f"architecture {mt!r} ({', '.join(getattr(config, 'architectures', None) or [])}) is not supported; "
+            f"supported model_type values: {', '.join(sorted(ARCHS))}"
+        )
+    if mt == "opt" and not getattr(config, "do_layer_norm_before", True):
+        raise UnsupportedArchitecture(ARCHS["opt"].notes[0])
+    return ARCHS[mt]
+
+
+def get_module(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root

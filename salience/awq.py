@@ -1,0 +1,157 @@
+"""AWQ search math (Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024): pure functions.
+
+Scale search. For a scaling group with inputs X [T, K] (T calibration tokens) feeding linears W_i [N_i, K],
+find per-input-channel scales s [K] minimising
+
+    L(s) = || f(X; {Q(W_i * s) / s}) - f(X; {W_i}) ||^2          (f = the inspected module)
+
+over s = x_mean^a / w_mean^(1-a) * c  (c normalises s so that sqrt(max(s) min(s)) = 1), a in a grid.
+x_mean[k] = mean_t |X[t, k]|; w_mean[k] = mean over rows of |W| / max|W| of its group ("duo" formula,
+AutoAWQ); the x-only formula (llm-awq) uses w_mean = 1. When f is a single linear, L is exact and cheap
+in Gram form: L = tr(dW G dW^T), dW = Q(W*s)/s - W, G = X^T X [K, K].
+
+Clip search. For each linear (bar q/k), per (output row, group) choose the range shrink that minimises the
+output error of that group's slice: dw [gs] with loss dw^T G_g dw, G_g the group's diagonal block of G.
+The reference shrinks max|w| symmetrically although the quantizer is asymmetric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .quant import QuantConfig, fake_quantize_grouped
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of the scale and clip searches; the defaults reproduce the reference algorithm."""
+
+    n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
+    duo: bool = False  # divide by w_mean^(1-a) (AutoAWQ) instead of the x-only formula (llm-awq)
+    clip_grid: int = 20  # shrink steps of 1/clip_grid ...
+    clip_max_shrink: float = 0.5  # ... down to (1 - clip_max_shrink) of the range
+    # "output": error of the inspected module's output (reference), measured on `search_tokens` tokens;
+    # "gram": error of the group's linear outputs, tr(dW G dW^T) over all tokens (fast on CPUs).
+    loss: str = "output"
+    search_tokens: int = 8192
+
+
+def activation_mean(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> mean |x| per channel, fp32 [K]."""
+    return x.reshape(-1, x.shape[-1]).float().abs().mean(dim=0)
+
+
+def weight_mean(ws: Sequence[torch.Tensor], cfg: QuantConfig) -> torch.Tensor:
+    """Mean over rows of |w| normalised by its group's max |w|, over the concatenated linears: [K]."""
+    w = torch.cat([x.float() for x in ws], dim=0)  # [sum N_i, K]
+    n, k = w.shape
+    wg = w.abs().reshape(n, cfg.groups(k), -1)
+    wg = wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-8)
+    return wg.reshape(n, k).mean(dim=0)
+
+
+def scale_from_alpha(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """s = x_mean^a / w_mean^(1-a), normalised to sqrt(max s * min s) = 1; fp32 [K]."""
+    s = x_mean.clamp(min=1e-4).pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.clamp(min=1e-4).pow(1 - alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], float],
+                 n_grid: int = 20):
+    """Grid search over alpha. loss_fn(s) -> output error with the group's linears at Q(W*s)/s.
+    Returns (best s [K], best alpha, losses [n_grid])."""
+    losses = []
+    best = (float("inf"), None, None)
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = scale_from_alpha(x_mean, w_mean, alpha)
+        loss = float(loss_fn(s))
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, s, alpha)
+    if best[1] is None:  # every loss was NaN
+        raise FloatingPointError("scale search: the loss is NaN for every alpha")
+    return best[1], best[2], torch.tensor(losses)
+
+
+def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Q(W * s) / s in fp32: the weight the quantized model effectively applies to unscaled inputs."""
+    n, k = w.shape
+    ws = (w.float() * s).reshape(n, cfg.groups(k), -1)
+    return fake_quantize_grouped(ws, cfg.qmax).reshape(n, k) / s
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> X^T X [K, K] in fp32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return x.t() @ x
+
+
+def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """tr(dW G dW^T) = sum_t ||dW x_t||^2 for dW [N, K], G = X^T X [K, K]."""
+    return ((dw @ g) * dw).sum()
+
+
+def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: int = 20,
+                max_shrink: float = 0.5, row_chunk: int = 1024):
+    """Per (row, group) symmetric range shrink (reference). w [N, K] (already scaled), g = X^T X [K, K]
+    of the linear's (scaled) input. Returns clip_min, clip_max [N, G] for compute_qparams."""
+    n, k = w.shape
+    ng = cfg.groups(k)
+    gs = k // ng
+    idx = torch.arange(ng, device=g.device)
+    g_blocks = g.reshape(ng, gs, ng, gs)[idx, :, idx, :]  # [G, gs, gs] diagonal blocks
+    clip_min = torch.empty(n, ng, device=w.device)
+    clip_max = torch.empty(n, ng, device=w.device)
+    for r0 in range(0, n, row_chunk):
+        wg = w[r0:r0 + row_chunk].float().reshape(-1, ng, gs)  # [n, G, gs]
+        wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+        absmax = torch.maximum(-wmin, wmax)
+        best = torch.full_like(wmin, float("inf"))
+        bmin, bmax = wmin.clone(), wmax.clone()
+        for i in range(int(clip_grid * max_shrink)):
+            mv = absmax * (1 - i / clip_grid)
+            lo, hi = torch.maximum(wmin, -mv), torch.minimum(wmax, mv)
+            wq = fake_quantize_grouped(torch.minimum(torch.maximum(wg, lo[..., None]), hi[..., None]),
+                                       cfg.qmax, lo, hi)
+            dw = wq - wg
+            loss = torch.einsum("ngi,gij,ngj->ng", dw, g_blocks, dw)
+            better = loss < best
+            best = torch.where(better, loss, best)
+            bmin = torch.where(better, lo, bmin)
+            bmax = torch.where(better, hi, bmax)
+        clip_min[r0:r0 + row_chunk] = bmin
+        clip_max[r0:r0 + row_chunk] = bmax
+    return clip_min, clip_max
+
+
+# ---- folding: exact in full precision -------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_into_linears(linears, s: torch.Tensor):
+    """W[:, k] *= s[k] for each linear reading the scaled channels."""
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+@torch.no_grad()
+def fold_into_prev(prev, s: torch.Tensor, rows: slice = slice(None), plus_one: bool = False):
+    """Divide prev's output channels `rows` by s. prev is a linear ([N, K] weight: rows of W and bias),
+    or a norm (weight [K], optional bias). plus_one: the norm computes x * (1 + w), so
+    (1 + w') = (1 + w) / s."""
+    w = prev.weight
+    if w.dim() == 2:
+        w[rows].div_(s.to(w.dtype)[:, None])
+    elif plus_one:
+        w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+    else:
+        w.div_(s.to(w.dtype))
+    b = getattr(prev, "bias", None)
+    if b is not None:
+        b[rows].div_(s.to(b.dtype))

@@ -1,0 +1,193 @@
+"""Writing and reading AWQ GEMM checkpoints (safetensors shards + index, config.json with
+quantization_config, tokenizer files, a JSON report). The layout of the packed tensors is in
+salience.packing.
+
+Writes are atomic: everything goes to `<out>.partial/` and is renamed to `<out>` once complete, so a
+folder named `<out>` is always a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .nn import QuantLinear, params_on_meta
+from .packing import pack_linear
+
+INDEX = "model.safetensors.index.json"
+REPORT = "salience_report.json"
+SEARCH = "salience_search.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class CheckpointWriter:
+    """Streams tensors into shards of about max_shard_bytes, then writes index, config and tokenizer."""
+
+    def __init__(self, out: str | Path, max_shard_bytes: int = 2 << 30, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"{self.out} exists; pass --overwrite to replace it")
+        self.tmp = self.out.with_name(self.out.name + ".partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []  # tensor names per written shard
+        self.search: dict[str, torch.Tensor] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor]):
+        for k, v in tensors.items():
+            self.pending[k] = v.detach().to("cpu").contiguous()
+            self.pending_bytes += v.numel() * v.element_size()
+        if self.pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        i = len(self.shards)
+        save_file(self.pending, self.tmp / f"shard-{i:05d}.safetensors", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, config: dict, tokenizer=None, report: dict | None = None) -> Path:
+        self._flush()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
+            total += (self.tmp / final).stat().st_size
+            weight_map.update({k: final for k in names})
+        (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+        if self.search:
+            save_file(self.search, self.tmp / SEARCH)
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        if report is not None:
+            (self.tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+
+def block_tensors(prefix: str, block: nn.Module, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized block: packed linears, everything else in `dtype`."""
+    out = {}
+    for name, lr in result.linears.items():
+        qweight, qzeros, scales = pack_linear(lr.codes, lr.scales, lr.zeros)
+        out[f"{prefix}{name}.qweight"], out[f"{prefix}{name}.qzeros"] = qweight, qzeros
+        out[f"{prefix}{name}.scales"] = scales
+    for name, t in block.state_dict().items():
+        mod, _, leaf = name.rpartition(".")
+        if mod in result.linears and leaf == "weight":
+            continue
+        if mod in result.linears and leaf == "bias":
+            out[f"{prefix}{name}"] = t.to(torch.float16)
+        else:
+            out[f"{prefix}{name}"] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Non-block tensors (embeddings, final norm, untied lm_head) in `dtype`."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    skip = {"lm_head.weight"} if tied else set()
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
+            if not k.startswith(layers_path + ".") and k not in skip}
+
+
+def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict:
+    return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": list(not_converted)}
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
+    idx = path / INDEX
+    files = sorted({path / f for f in json.loads(idx.read_text())["weight_map"].values()}) if idx.exists() \
+        else sorted(path.glob("*.safetensors"))
+    files = [f for f in files if f.name != SEARCH]
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors weights")
+    shapes = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{path}: shard {f.name} listed in the index is missing")
+        try:
+            with safe_open(f, "pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = (f, tuple(sf.get_slice(k).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return shapes
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
+    """Load an AWQ GEMM checkpoint (ours or another tool's) into a transformers model whose quantized
+    linears are QuantLinear. Returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "awq" or str(qc.get("version", "gemm")).lower() != "gemm" \
+            or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
+        raise CheckpointError(f"{path}: unsupported quantization_config {qc} (supported: awq, gemm, 4-bit, "
+                              "zero point)")
+    group_size = qc.get("group_size", 128)
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    shapes = _tensor_shapes(path)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in [k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")]:
+        parent, _, leaf = name.rpartition(".")
+        old = model.get_submodule(name)
+        k, n8 = shapes[name + ".qweight"][1]
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (k, n8 * 8):
+            raise CheckpointError(f"{path}: {name}.qweight has shape {(k, n8)} but the model built from "
+                                  f"config.json has {old}")
+        setattr(model.get_submodule(parent), leaf,
+                QuantLinear(k, n8 * 8, old.bias is not None, group_size, dtype=dtype, device="meta"))
+    sd = {}
+    by_file: dict[Path, list[str]] = {}
+    for k, (f, _) in shapes.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(f, "pt", device=str(device)) as sf:
+            for k in keys:
+                t = sf.get_tensor(k)
+                sd[k] = t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t
+    expected = model.state_dict()
+    for k, t in sd.items():
+        if k in expected and tuple(expected[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(expected[k].shape)}")
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model.to(device).eval(), tok

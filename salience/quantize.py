@@ -1,0 +1,314 @@
+"""The block-at-a-time driver: calibration inputs -> per block (statistics, scale search, fold, clip search,
+quantize) -> integer tensors ready for the checkpoint writer.
+
+Only one decoder block and its cached inputs are on the compute device at a time. Each block is calibrated
+on the full-precision output of the previous block (the reference protocol), so the cached inputs
+[n_rows, seqlen, hidden] are pushed through the unmodified block before it is changed.
+
+Block inputs are captured without stopping the forward pass by an exception: the blocks are swapped for a
+`_Recorder` that stores (hidden, kwargs) and passes hidden through, and the model's own forward is run,
+which computes the masks and position embeddings each block expects (sliding/full windows included).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import awq
+from .arch import Arch, ScaleGroup, get_module
+from .quant import QuantConfig, compute_qparams, dequantize, quantize
+
+
+class NonFiniteActivation(FloatingPointError):
+    pass
+
+
+@dataclass
+class LinearResult:
+    """Integer codes and qparams of one linear, row-major: codes [N, K] uint8, scales/zeros [N, G] fp32."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+@dataclass
+class BlockResult:
+    index: int
+    linears: dict[str, LinearResult]
+    search: dict[str, torch.Tensor] = field(default_factory=dict)  # saveable search results (scales, clips)
+    report: dict = field(default_factory=dict)
+
+
+# ---- capturing block inputs ----------------------------------------------------------------------------
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block: records its call and returns the hidden states unchanged."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch_size: int, device):
+    """Run the model with its blocks replaced by recorders.
+
+    Returns x [n_rows, seqlen, hidden] (block 0's input, on `device`) and per block a list over batches of
+    (args, kwargs) to call that block with. Embeddings and the final norm run on `device`; the blocks never
+    run here, so this costs one embedding lookup."""
+    layers = get_module(model, arch.layers)
+    orig = list(layers)
+    calls = [[] for _ in orig]
+    for i in range(len(orig)):
+        layers[i] = _Recorder(calls[i])
+    base = model.base_model
+    try:
+        base.to(device)  # embeddings, rotary buffers, final norm: the blocks are recorders now
+        for r0 in range(0, rows.shape[0], batch_size):
+            base(input_ids=rows[r0:r0 + batch_size].to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(orig):
+            layers[i] = layer
+        base.to("cpu")
+    x = torch.cat([c[0] for c in calls[0]], dim=0)
+    per_block = [[(a, kw) for _, a, kw in c] for c in calls]
+    return x, per_block
+
+
+# ---- statistics of a block's linear inputs ----------------------------------------------------------------
+
+class _InputStats:
+    """Accumulates, for every distinct input tensor of the block's linears, sum |x| and X^T X (fp32).
+    Linears reading the same tensor in a forward pass (q, k, v) share the entry of the first reader."""
+
+    def __init__(self):
+        self.key_of: dict[str, str] = {}  # linear -> first linear that read the same tensor
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self._seen: dict[int, tuple] = {}  # id(tensor) -> (first reader, tensor kept alive for the pass)
+
+    def hook(self, name):
+        def fn(module, args):
+            x = args[0]
+            first = self._seen.get(id(x))
+            if first is not None:
+                self.key_of[name] = first[0]
+                return
+            self._seen[id(x)] = (name, x)
+            self.key_of[name] = name
+            x2 = x.reshape(-1, x.shape[-1])
+            if not torch.isfinite(x2).all():
+                raise NonFiniteActivation(f"non-finite (NaN/inf) activations at the input of {name}")
+            a = x2.abs().float().sum(dim=0)
+            g = (x2.t() @ x2).float()  # in the compute dtype, accumulated in fp32 across batches
+            if name in self.abs_sum:
+                self.abs_sum[name] += a
+                self.gram[name] += g
+                self.count[name] += x2.shape[0]
+            else:
+                self.abs_sum[name], self.gram[name], self.count[name] = a, g, x2.shape[0]
+        return fn
+
+    def new_pass(self):
+        self._seen = {}
+
+    def x_mean(self, name):
+        k = self.key_of[name]
+        return self.abs_sum[k] / self.count[k]
+
+    def gram_of(self, name):
+        return self.gram[self.key_of[name]]
+
+
+@contextmanager
+def _hooks(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _call(module, args, kwargs):
+    out = module(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---- one block -------------------------------------------------------------------------------------------
+
+def quantizable_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
+    if g.prev_chunk is None or prev.weight.dim() != 2:
+        return slice(None)
+    i, n = g.prev_chunk
+    step = prev.weight.shape[0] // n
+    return slice(i * step, (i + 1) * step)
+
+
+def _group_applies(block, g: ScaleGroup) -> bool:
+    prev = get_module(block, g.prev)
+    width = prev.weight.shape[0] if prev.weight.dim() == 1 else len(range(prev.weight.shape[0])[_prev_rows(prev, g)])
+    ok = all(get_module(block, n).in_features == width for n in g.linears)
+    if not ok and not g.optional:
+        raise ValueError(f"scaling group {g.prev} -> {g.linears}: shapes disagree (table entry is wrong)")
+    return ok
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
+                   scfg: awq.SearchConfig | None, batch_size: int):
+    """Quantize one block in place (weights become their dequantized values) and return
+    (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
+
+    scfg None = round-to-nearest (no search). x and the block must be on the same device."""
+    t0 = time.time()
+    lins = quantizable_linears(block)
+    for name, lin in lins.items():
+        qcfg.groups(lin.in_features, f"block {index} {name}")  # clear error before any work
+    stats = _InputStats()
+    inspect_names = {g.inspect for g in arch.groups if g.inspect not in lins} if scfg else set()
+    n_search_rows = max(1, -(-scfg.search_tokens // x.shape[1])) if scfg else 0
+    saved_calls: dict[str, list] = {n: [] for n in inspect_names}
+    saved_rows: dict[str, int] = {}
+
+    def keep_call(name):
+        def fn(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if saved_rows.get(name, 0) < n_search_rows:
+                saved_rows[name] = saved_rows.get(name, 0) + h.shape[0]
+                saved_calls[name].append((args, kwargs))
+        return fn
+
+    handles = [lin.register_forward_pre_hook(stats.hook(n)) for n, lin in lins.items()] if scfg else []
+    handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
+                for n in inspect_names]
+    outs = []
+    with _hooks(handles):
+        for b, (args, kwargs) in enumerate(calls):
+            stats.new_pass()
+            xb = x[b * batch_size:(b + 1) * batch_size]
+            outs.append(_call(block, (xb, *args), kwargs))
+    stats.new_pass()
+    y = torch.cat(outs, dim=0) if outs else None
+    if y is not None and not torch.isfinite(y).all():
+        raise NonFiniteActivation(f"non-finite (NaN/inf) output of block {index}")
+
+    search: dict[str, torch.Tensor] = {}
+    report: dict = {"groups": {}, "skipped_groups": []}
+    in_scale: dict[str, torch.Tensor] = {}  # linear -> scale applied to its input columns
+    if scfg is not None:
+        for g in arch.groups:
+            if not _group_applies(block, g):
+                report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
+                continue
+            s, alpha, losses = _search_group(block, g, stats, saved_calls, qcfg, scfg)
+            prev = get_module(block, g.prev)
+            awq.fold_into_prev(prev, s, _prev_rows(prev, g), arch.norm_plus_one)
+            awq.fold_into_linears([get_module(block, n) for n in g.linears], s)
+            for n in g.linears:
+                in_scale[n] = s
+            key = f"{g.prev}->{'+'.join(g.linears)}"
+            search[f"scale.{key}"] = s.cpu()
+            report["groups"][key] = {"alpha": alpha, "loss": float(losses.min()), "loss_alpha0": float(losses[0])}
+
+    linears: dict[str, LinearResult] = {}
+    for name, lin in lins.items():
+        w = lin.weight
+        clip_min = clip_max = None
+        if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip:
+            g = stats.gram_of(name)
+            if name in in_scale:
+                s = in_scale[name]
+                g = g / (s[:, None] * s[None, :])  # Gram of the scaled input X / s
+            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink)
+            search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
+        scales, zeros = compute_qparams(w, qcfg, clip_min, clip_max)
+        scales = scales.half().float()  # the checkpoint stores fp16 scales: quantize with exactly those
+        codes, scales, zeros = quantize(w, qcfg, scales, zeros)
+        # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
+        w.copy_(dequantize(codes, scales, zeros, qcfg, dtype=w.dtype))
+        linears[name] = LinearResult(codes.cpu(), scales.cpu(), zeros.cpu())
+    report["seconds"] = round(time.time() - t0, 3)
+    return BlockResult(index, linears, search, report), y
+
+
+def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, scfg):
+    lins = [get_module(block, n) for n in g.linears]
+    x_mean = stats.x_mean(g.linears[0])
+    w_mean = awq.weight_mean([lin.weight for lin in lins], qcfg) if scfg.duo else None
+    orig = [lin.weight.clone() for lin in lins]
+
+    if g.inspect in g.linears or scfg.loss == "gram":
+        # Output error of the group's linears, exact over all calibration tokens in Gram form. When the
+        # inspected module is that single linear this is the reference loss; otherwise a surrogate that
+        # skips the non-linear rest of the module (attention, SiLU * up).
+        gm = stats.gram_of(g.linears[0])
+
+        def loss_fn(s):
+            return sum(awq.gram_loss(awq.scaled_fake_quant(w, s, qcfg) - w.float(), gm) for w in orig)
+    else:  # non-linear module: output MSE on the saved calls
+        mod = get_module(block, g.inspect)
+        calls = saved_calls[g.inspect]
+        ref = [_call(mod, a, kw).float() for a, kw in calls]
+
+        def loss_fn(s):
+            for lin, w in zip(lins, orig):
+                lin.weight.copy_(awq.scaled_fake_quant(w, s, qcfg).to(w.dtype))
+            err = sum(((_call(mod, a, kw).float() - r) ** 2).sum() for (a, kw), r in zip(calls, ref))
+            return err
+
+    try:
+        s, alpha, losses = awq.search_scale(x_mean, w_mean, loss_fn, scfg.n_grid)
+    finally:
+        for lin, w in zip(lins, orig):
+            lin.weight.copy_(w)
+    return s.to(orig[0].device), alpha, losses
+
+
+# ---- the whole model ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
+                   scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
+                   on_block=None, progress: bool = True):
+    """Quantize every decoder block of `model` (on the CPU) in place, one block on `device` at a time.
+
+    rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). on_block(BlockResult,
+    block) is called as each block finishes (the checkpoint writer streams it to disk).
+    Returns the list of block reports."""
+    layers = get_module(model, arch.layers)
+    dtype = dtype or next(model.parameters()).dtype
+    x, calls = (None, None)
+    if scfg is not None:
+        x, calls = capture_block_inputs(model, arch, rows, batch_size, device)
+        x = x.to(dtype)
+    reports = []
+    bar = tqdm(range(len(layers)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
+    for i in bar:
+        block = layers[i].to(device=device, dtype=dtype)
+        try:
+            res, y = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size)
+        except NonFiniteActivation as e:
+            raise NonFiniteActivation(f"block {i}: {e}") from None
+        if on_block is not None:
+            on_block(res, block)
+        layers[i] = block.to("cpu")
+        if scfg is not None:
+            x = y.to(dtype)
+        reports.append(res.report)
+        bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")
+    return reports

@@ -1,0 +1,57 @@
+"""Tiny random-initialised models of every architecture in the table (no download), and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB = 320  # > the 259 tokens of the byte-level tokenizer below
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=256)
+
+# model_type -> config. Head counts: GQA (2 KV heads) where the family uses it, so that the optional
+# v -> o group is both taken (MHA) and skipped (GQA) across the set.
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_COMMON, num_key_value_heads=4),
+    "mistral": lambda: transformers.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, num_key_value_heads=2),
+    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16),
+    "gemma": lambda: transformers.GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16,
+                                                sliding_window=8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**_COMMON, num_key_value_heads=1, head_dim=16,
+                                                         sliding_window=8),
+    "phi3": lambda: transformers.Phi3Config(**_COMMON, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                                                eos_token_id=2),
+    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=256,
+                                          word_embed_proj_dim=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
+}
+
+
+def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CONFIGS[model_type]()
+    m = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    # Random init leaves norms at 1 (or 0 for 1+w norms): perturb them so that folding is really tested.
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog and then it runs far away into the green hills "
+        "where the sun sets slowly over the quiet river while birds sing their evening songs ") * 4
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
