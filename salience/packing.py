@@ -74,4 +74,4 @@ def dequantize_packed(qweight, qzeros, scales, group_size: int, dtype=torch.floa
     codes = unpack(qweight).float()  # [K, N]
     zeros = unpack(qzeros).float().repeat_interleave(gs, dim=0)  # [K, N]
     w = (codes - zeros) * scales.float().repeat_interleave(gs, dim=0)
-    return w.t().to(dtype)
+    return w.t().contiguous().to(dtype)

@@ -35,7 +35,7 @@ CONFIGS = {
 def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[model_type]()
-    m = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()  # buffers keep their dtype
     # Random init leaves norms at 1 (or 0 for 1+w norms): perturb them so that folding is really tested.
     with torch.no_grad():
         for name, p in m.named_parameters():
