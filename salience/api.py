@@ -116,13 +116,13 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     return path, m, tok
 
 
-def load_any(model: str | None, dtype=None):
+def load_any(model: str | None, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """A quantized checkpoint (QuantLinear) or a full-precision model. -> (model, tokenizer)."""
     folder, gguf = resolve(model)
     dt = pick_dtype(dtype)
     if gguf is None and is_quantized_checkpoint(folder):
         return load_quantized(folder, dtype=dt)
-    m, tok, _ = load_fp(model, dtype=dt)
+    m, tok, _ = load_fp(model, dtype=dt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return m, tok
 
 

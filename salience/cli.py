@@ -32,6 +32,9 @@ def _add_calib_args(p):
 def _add_run_args(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="compute dtype: bfloat16 (default), float16, float32")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading .bin/.pt pickle weights (they can run code; only for files you trust)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
 
 
 def _add_eval_args(p, default_windows="64"):
@@ -63,10 +66,12 @@ def cmd_quantize(a):
     out = Path(a.out) if a.out else _default_out(a.model, a.bits, a.group_size, a.method)
     t0 = time.time()
     rows = []
+    from .models import load_fp
+
     if a.eval:
         # The comparison table needs the full-precision and RTN models too: load once, copy.
-        from .models import load_fp
-        m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype))
+        m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
+                            trust_remote_code=a.trust_remote_code)
         rows.append(("full precision", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows), a.device,
                                                desc="ppl fp")))
         rtn = api.clone(m)
@@ -79,7 +84,9 @@ def cmd_quantize(a):
         loaded = None
     path, _, tok = api.quantize(a.model, out, qcfg, a.method, a.calib, a.calib_rows, a.seqlen,
                                 scfg=_search_config(a), device=a.device, dtype=a.dtype, overwrite=a.overwrite,
-                                loaded=loaded)
+                                loaded=loaded or load_fp(a.model, dtype=api.pick_dtype(a.dtype),
+                                                         allow_pickle=a.allow_pickle,
+                                                         trust_remote_code=a.trust_remote_code)[:2])
     print(f"\n4-bit checkpoint written to {path.resolve()}")
     if a.eval or a.prompt:
         qm, qtok = api.load_any(str(path), dtype=a.dtype)
@@ -108,7 +115,8 @@ def cmd_eval(a):
     from . import api
     from .quant import QuantConfig
 
-    m, tok = api.load_any(a.model, dtype=a.dtype)
+    m, tok = api.load_any(a.model, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                          trust_remote_code=a.trust_remote_code)
     label = "model"
     if a.fake_quant:
         qcfg = QuantConfig(a.bits, a.group_size)
@@ -125,7 +133,8 @@ def cmd_eval(a):
 def cmd_generate(a):
     from . import api
 
-    m, tok = api.load_any(a.model, dtype=a.dtype)
+    m, tok = api.load_any(a.model, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                          trust_remote_code=a.trust_remote_code)
     if tok is None:
         raise SystemExit(f"error: {a.model} has no tokenizer files")
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()

