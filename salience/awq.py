@@ -38,6 +38,12 @@ class SearchConfig:
     loss: str = "output"
     search_tokens: int = 8192
 
+    def __post_init__(self):
+        if self.loss not in ("output", "gram"):
+            raise ValueError(f"loss must be 'output' or 'gram', got {self.loss!r}")
+        if self.n_grid < 1 or self.search_tokens < 1:
+            raise ValueError("n_grid and search_tokens must be positive")
+
 
 def activation_mean(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> mean |x| per channel, fp32 [K]."""

@@ -24,6 +24,10 @@ def _add_calib_args(p):
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration row / eval window")
     p.add_argument("--n-grid", type=int, default=20, help="alpha grid points of the scale search")
     p.add_argument("--duo", action="store_true", help="scale formula x_mean^a / w_mean^(1-a) (AutoAWQ)")
+    p.add_argument("--loss", choices=["output", "gram"], default="output",
+                   help="scale-search loss: the inspected module's output error (reference; attention and "
+                   "MLP measured on --search-tokens tokens) or the group's linear-output error over all "
+                   "tokens in Gram form (faster)")
     p.add_argument("--search-tokens", type=int, default=8192,
                    help="tokens on which attention/MLP output error is measured in the scale search")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
@@ -49,7 +53,7 @@ def _windows(v):
 
 def _search_config(a):
     from .awq import SearchConfig
-    return SearchConfig(n_grid=a.n_grid, duo=a.duo, search_tokens=a.search_tokens,
+    return SearchConfig(n_grid=a.n_grid, duo=a.duo, loss=a.loss, search_tokens=a.search_tokens,
                         clip_grid=0 if a.no_clip else 20)
 
 
@@ -184,15 +188,9 @@ def build_parser():
     e = sub.add_parser("eval", help="perplexity of a full-precision or quantized model")
     e.add_argument("model", nargs="?", help="model folder, .gguf, checkpoint or hub id (default: smollm2)")
     _add_eval_args(e)
-    e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--fake-quant", choices=["rtn", "awq"], help="quantize in memory first (any bits 2..8)")
     _add_quant_args(e)
-    e.add_argument("--calib", default="lee")
-    e.add_argument("--calib-rows", type=int, default=128)
-    e.add_argument("--n-grid", type=int, default=20)
-    e.add_argument("--duo", action="store_true")
-    e.add_argument("--search-tokens", type=int, default=8192)
-    e.add_argument("--no-clip", action="store_true")
+    _add_calib_args(e)
     _add_run_args(e)
     e.set_defaults(func=cmd_eval)
 

@@ -180,7 +180,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     for name, lin in lins.items():
         qcfg.groups(lin.in_features, f"block {index} {name}")  # clear error before any work
     stats = _InputStats()
-    inspect_names = {g.inspect for g in arch.groups if g.inspect not in lins} if scfg else set()
+    inspect_names = {g.inspect for g in arch.groups if g.inspect not in lins} \
+        if scfg is not None and scfg.loss == "output" else set()
     n_search_rows = max(1, -(-scfg.search_tokens // x.shape[1])) if scfg else 0
     saved_calls: dict[str, list] = {n: [] for n in inspect_names}
     saved_rows: dict[str, int] = {}

@@ -1,0 +1,30 @@
+"""4-bit (AWQ) weight-only linears near the memory-bandwidth limit, on CUDA (Triton) and CPU.
+
+Kernels know nothing of models: they take the AWQ GEMM tensors of one linear (salience/packing.py),
+repack them once for a device, and compute y = x @ W.T + bias.
+
+Public API
+----------
+    PackedInt4.from_awq(qweight, qzeros, scales, group_size, device=None, dtype=torch.float16)
+        -> PackedInt4
+        qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N] (AWQ GEMM layout);
+        group_size 32, 64, 128, any multiple of 32, or -1 (one group). device: where the kernels run
+        (default: qweight's). dtype: on CPU the compute dtype (bf16 is the fast one there; fp16/fp32
+        are exact but slow); on CUDA informative, the kernels follow x's dtype (fp16/bf16; fp32 works
+        through dequantize + cuBLAS). N need not be a multiple of 16 or 128 (padded at repack).
+
+    int4_linear(x, packed, bias=None) -> Tensor
+        x [..., K] on packed's device -> [..., N] in x.dtype. Picks the kernel by device and by
+        M = x.numel() // K (linear.py says which).
+
+    int4_linear_ref(x, qweight, qzeros, scales, group_size, bias=None) -> Tensor
+        The spec (reference.py): plain torch, what every kernel is tested against.
+
+Modules: reference.py (spec), layout.py (repacking, layouts drawn), triton_int4.py (CUDA kernels,
+imported only when a PackedInt4 lives on CUDA), linear.py (PackedInt4, int4_linear).
+"""
+
+from .linear import PackedInt4, int4_linear
+from .reference import dequantize_awq, int4_linear_ref
+
+__all__ = ["PackedInt4", "int4_linear", "int4_linear_ref", "dequantize_awq"]

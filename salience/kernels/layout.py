@@ -1,0 +1,128 @@
+"""Kernel layouts, repacked once at load time from the AWQ GEMM tensors (reference.py restates that layout).
+
+GPU layout: unit-interleaved, packed along K
+--------------------------------------------
+Codes are stored per output row n (like nn.Linear.weight), 8 codes of one row per int32 word. K is cut
+into units of UNIT = 128 codes, 16 words per unit. Inside a unit, word s (0..15) holds in its nibble i
+(bits 4i..4i+3) the code of k = 16 i + s:
+
+    one row, one unit (128 codes k = 0..127), 16 words w0..w15:
+
+                 nibble 7   nibble 6  ...  nibble 1   nibble 0
+      w0  bits: | k=112  | k=96   | ... | k=16   | k=0    |
+      w1        | k=113  | k=97   | ... | k=17   | k=1    |
+      ...
+      w15       | k=127  | k=111  | ... | k=31   | k=15   |
+
+    e.g. codes k=0..127 of row n = 0, 1, 2, ..., 15, 0, 1, 2, ...  (k % 16), then
+         w_s holds the code s in all 8 nibbles: w3 = 0x33333333
+
+So nibble i of the 16 words of a unit (one 64-byte load) gives 16 consecutive codes, k = 16i .. 16i+15:
+a kernel shifts a whole [rows, 16] tile by 4i and multiplies it with x[16i : 16i + 16]; no gather, no
+shuffle. A 16-code slice never straddles a group for group sizes 32, 64, 128, ...
+
+    qweight int32 [Np, Kp/8]   word (n, 16u + s), nibble i  <-  code (n, 128u + 16i + s)
+    scales  fp16  [Gp, Np]     the AWQ scales, unchanged (exact), one row per group
+    zeros   uint8 [Gp, Np]     the integer zero points
+
+Np = N rounded up to 128 and Kp = K rounded up to 128; padded rows and columns hold code 0, scale 0,
+zero 0, so they add exact zeros. Group sizes that are neither 32, 64 nor a multiple of 128 (say 96,
+or -1 when K = 576) are re-expressed exactly with a smaller group (64 or 32) by repeating scales/zeros.
+
+CPU layout: torch's tinygemm for CPU
+------------------------------------
+`torch.ops.aten._convert_weight_to_int4pack_for_cpu` packs codes [Np, K] (Np = N rounded up to 16) its
+own way; `_weight_int4pack_mm_for_cpu` computes w = (q - 8) * scale + zero with float zeros, so the
+AWQ integer zero z maps to zero = (8 - z) * scale (exact in fp32, then rounded to the compute dtype).
+Its group size must be 32, 64, 128 or 256; others are re-expressed by repeating scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import group_size_of, unpack_awq
+
+UNIT = 128  # codes per unit along K
+WORDS = UNIT // 8  # int32 words per unit and row
+N_ALIGN = 128  # output rows are padded to this (the largest BLOCK_N)
+CPU_N_ALIGN = 16  # tinygemm CPU wants N % 16 == 0
+
+
+def _kernel_group_size(gs: int) -> int:
+    """A group size the GPU kernels handle (32, 64, or a multiple of 128) that divides gs."""
+    if gs % 32:
+        raise ValueError(f"group size {gs} is not a multiple of 32")
+    if gs in (32, 64) or gs % UNIT == 0:
+        return gs
+    return 64 if gs % 64 == 0 else 32
+
+
+def _cpu_group_size(gs: int) -> int:
+    for g in (256, 128, 64, 32):
+        if gs % g == 0:
+            return g
+    raise ValueError(f"group size {gs} is not a multiple of 32")
+
+
+def _rows_params(qzeros, scales, gs: int, new_gs: int):
+    """AWQ zeros/scales -> row-major [N, G'] integer zeros (int32) and fp16 scales, group new_gs."""
+    z = unpack_awq(qzeros).t().to(torch.int32)  # [N, G]
+    s = scales.t()  # [N, G]
+    rep = gs // new_gs
+    if rep > 1:
+        z, s = z.repeat_interleave(rep, dim=1), s.repeat_interleave(rep, dim=1)
+    return z, s
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    out = t.new_zeros(rows, cols)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit values -> int32 with the same bits."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def repack_gpu(qweight, qzeros, scales, group_size: int):
+    """AWQ GEMM tensors -> (qweight int32 [Np, Kp/8], scales fp16 [Gp, Np], zeros uint8 [Gp, Np],
+    kernel group size). See the module docstring for the layout."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    gs = group_size_of(k, scales.shape[0], group_size)
+    kgs = _kernel_group_size(gs)
+    z, s = _rows_params(qzeros, scales.to(torch.float16), gs, kgs)  # [N, K/kgs]
+    np_, kp = -(-n // N_ALIGN) * N_ALIGN, -(-k // UNIT) * UNIT
+    gp = -(-kp // kgs)
+    codes = _pad(unpack_awq(qweight).t().to(torch.int64), np_, kp)  # [Np, Kp]
+    c = codes.reshape(np_, kp // UNIT, 8, WORDS).transpose(2, 3)  # [Np, units, s, i]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=c.device)
+    words = (c << shifts).sum(dim=-1)  # [Np, units, 16], < 2^32, nibbles do not overlap
+    qw = _to_int32(words).reshape(np_, kp // 8).contiguous()
+    s_k = _pad(s, np_, gp).t().contiguous()  # [Gp, Np] fp16
+    z_k = _pad(z, np_, gp).t().contiguous().to(torch.uint8)  # [Gp, Np]
+    return qw, s_k, z_k, kgs
+
+
+def unpack_gpu(qw: torch.Tensor) -> torch.Tensor:
+    """Inverse of the GPU packing: int32 [Np, Kp/8] -> codes uint8 [Np, Kp] (for tests)."""
+    np_, kw = qw.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qw.device)
+    nib = (qw.reshape(np_, kw // WORDS, WORDS, 1) >> shifts) & 0xF  # [Np, units, s, i]
+    return nib.transpose(2, 3).reshape(np_, kw * 8).to(torch.uint8)
+
+
+def repack_cpu(qweight, qzeros, scales, group_size: int, dtype: torch.dtype):
+    """AWQ GEMM tensors -> (tinygemm CPU weight uint8, scales_and_zeros [K/g, Np, 2] in dtype, g)."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    gs = group_size_of(k, scales.shape[0], group_size)
+    cgs = _cpu_group_size(gs)
+    z, s = _rows_params(qzeros, scales, gs, cgs)  # [N, K/cgs]
+    np_ = -(-n // CPU_N_ALIGN) * CPU_N_ALIGN
+    codes = _pad(unpack_awq(qweight).t().to(torch.int32), np_, k).contiguous()  # [Np, K]
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s32 = _pad(s.float(), np_, s.shape[1])  # [Np, G'], padded rows: scale 0
+    zf = (8 - _pad(z, np_, z.shape[1]).float()) * s32  # tinygemm: w = (q - 8) * s + zf; exact in fp32
+    sz = torch.stack([s32.t(), zf.t()], dim=-1).to(dtype).contiguous()  # [G', Np, 2]
+    return w, sz, cgs

@@ -1,0 +1,333 @@
+"""Triton kernels for 4-bit weight-only linears on CUDA, over the GPU layout of layout.py.
+
+Decode is memory-bound: at M tokens a linear must stream N*K/2 bytes of codes, so each kernel is
+judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Three:
+
+  _gemv_kernel     M <= 8, CUDA cores. Programs own BLOCK_N rows and a K range (split-K).
+  _gemm_kernel     M up to a few hundred: dequantize a [BLOCK_N, 16] slice in registers and feed it
+                   to the tensor cores as the A operand, tokens as B (acc is [BLOCK_N, BLOCK_M]).
+  _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
+
+Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
+0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
+
+    (q - z) * s = v * 16s + c,      c = -(16 + z) * s,
+
+where 16s and c are exact in fp32 (s is fp16: 11 significant bits, times an integer <= 31). One fma
+then rounds once, to exactly the reference's fp32 (q - z) * s. The GEMV goes further and keeps the
+fma per code out of its inner loop: per word it sums p = sum_i v_i x_i and xs = sum_i x_i over the
+nibbles of one group, then adds 16s * p + c * xs (= s * sum_i (q_i - z) x_i).
+
+Split-K without a memset or an extra launch: each program of a split writes its fp32 partial tile to
+a workspace, then bumps the tile's counter (acq_rel); the program that arrives last sums the partials
+in a fixed order (so results are deterministic), writes the output and resets the counter to 0. The
+counters live in PackedInt4.locks and are zero between calls; two streams must not run one
+PackedInt4 at the same time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .layout import UNIT, WORDS
+
+GEMV_MAX_M = 8  # tokens up to which _gemv_kernel runs
+GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
+SPLIT_WAVES = 4  # split-K aims at this many programs per SM
+MAX_SPLIT = 32
+LOCKS = 4096  # split-K counters per PackedInt4 (one per output tile)
+
+
+@triton.jit
+def _nibble_f32(words, i: tl.constexpr):
+    """Nibble i of each int32 word as fp32 v = 1 + q/16: the 4 bits go straight into the mantissa."""
+    if 4 * i <= 19:
+        t = words << (19 - 4 * i)
+    else:
+        t = words >> (4 * i - 19)
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_out(acc, rm, rn, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr):
+    """acc [BM, BN] fp32 (+ bias) -> out[rm, rn] in out's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, tile, pid_k, n_split, M, N, NP, b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om,
+              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Write one [BM, BN] tile; with split-K the last program of the tile to arrive reduces."""
+    if SPLIT:
+        row_ok = rm[:, None] < M
+        ws = ws_ptr + rm[:, None] * NP + rn[None, :]  # [BM, BN] of split 0; split j at + j*M*NP
+        tl.store(ws + pid_k * M * NP, acc, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:
+            tot = tl.load(ws, mask=row_ok, other=0.0, cache_modifier=".cg")
+            for j in range(1, n_split):
+                tot += tl.load(ws + j * M * NP, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _store_out(tot, rm, rn, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        _store_out(acc, rm, rn, M, N, b_ptr, out_ptr, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, g, rn, NP, mask):
+    """16*s and c = -(16 + z)*s (fp32) of groups g for rows rn; g and mask broadcast against rn."""
+    if mask is None:
+        s = tl.load(s_ptr + g * NP + rn).to(tl.float32)
+        z = tl.load(z_ptr + g * NP + rn).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + g * NP + rn, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * NP + rn, mask=mask, other=0).to(tl.float32)
+    return s * 16.0, -(z + 16.0) * s
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
+                 BM: tl.constexpr, BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr,
+                 MASK_U: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """out[:M, n-block] = x[:M] @ W[n-block].T over units [u_lo, u_hi); NU units per step
+    (MASK_U: the last step may hold fewer than NU units; MASK_K: K is not a multiple of 128).
+    Tiles: words [BN, NU, 16]; x [BM, NU, 16]; accumulator [BM, BN, NU, 16] (summed at the end).
+    SUB = groups per unit (1 when the group size is a multiple of 128; 2 for 64; 4 for 32)."""
+    NPG: tl.constexpr = 8 // SUB  # nibbles per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    ru = tl.arange(0, NU)
+    rs = tl.arange(0, WORDS)
+    w_off = rn[:, None, None] * KW + ru[None, :, None] * WORDS + rs[None, None, :]  # [BN, NU, 16]
+    kx = ru[None, :, None] * 128 + rs[None, None, :]  # [1, NU, 16]: k of nibble 0, unit u0
+    x_base = x_ptr + rm[:, None, None] * stride_xm + kx  # [BM, NU, 16]
+    m_ok = rm[:, None, None] < M
+    u_lo = pid_k * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
+
+    acc = tl.zeros([BM, BN, NU, WORDS], dtype=tl.float32)
+    words = tl.load(w_ptr + w_off + u_lo * WORDS, mask=(u_lo + ru < u_hi)[None, :, None], other=0)
+    for u0 in range(u_lo, u_hi, NU):
+        # the next step's words are in flight while this step computes
+        nxt = tl.load(w_ptr + w_off + (u0 + NU) * WORDS, mask=(u0 + NU + ru < u_hi)[None, :, None], other=0)
+        u = u0 + ru  # [NU]
+        u_ok = (u < u_hi)[None, :]  # [1, NU]
+        if SUB == 1:
+            s16, c = _scale_zero(s_ptr, z_ptr, (u // UPG)[None, :], rn[:, None], NP, u_ok)  # [BN, NU]
+            s16 = s16[None, :, :, None]
+            c = c[None, :, :, None]
+        xk = x_base + u0 * 128
+        x_ok = m_ok
+        if MASK_U:
+            x_ok = x_ok & u_ok[:, :, None]
+        for i in tl.static_range(8):
+            if SUB > 1:
+                if i % NPG == 0:
+                    s16, c = _scale_zero(s_ptr, z_ptr, (u * SUB + i // NPG)[None, :], rn[:, None], NP, u_ok)
+                    s16 = s16[None, :, :, None]
+                    c = c[None, :, :, None]
+            if MASK_K:
+                xi = tl.load(xk + i * 16, mask=x_ok & (kx + u0 * 128 + i * 16 < K), other=0.0)
+            else:
+                xi = tl.load(xk + i * 16, mask=x_ok, other=0.0)
+            xi = xi.to(tl.float32)[:, None, :, :]  # [BM, 1, NU, 16]
+            v = _nibble_f32(words, i)[None, :, :, :]  # [1, BN, NU, 16]
+            if i % NPG == 0:
+                p = v * xi
+                xs = xi
+            else:
+                p += v * xi
+                xs += xi
+            if i % NPG == NPG - 1:
+                acc += p * s16 + xs * c
+        words = nxt
+    out = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BM, BN]
+    _epilogue(out, rm, rn, pid_n, pid_k, tl.num_programs(1), M, N, NP, b_ptr, out_ptr, ws_ptr, lock_ptr,
+              stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
+                 BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
+                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """One unit (128 codes of K) per step: 8 nibble slices, each a [BN, 16] weight tile dequantized to
+    x's dtype, times x[:, 16 codes].T on the tensor cores; acc [BN, BM] fp32."""
+    NPG: tl.constexpr = 8 // SUB
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rs = tl.arange(0, WORDS)
+    w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
+    x_base = x_ptr + rm[:, None] * stride_xm + rs[None, :]  # [BM, 16]
+    m_ok = rm[:, None] < M
+    u_lo = pid_k * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
+
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for u in range(u_lo, u_hi):
+        words = tl.load(w_base + u * WORDS)  # [BN, 16] int32
+        if SUB == 1:
+            s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, None)
+            s16 = s16[:, None]
+            c = c[:, None]
+        xk = x_base + u * 128
+        for i in tl.static_range(8):
+            if SUB > 1:
+                if i % NPG == 0:
+                    s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, None)
+                    s16 = s16[:, None]
+                    c = c[:, None]
+            if MASK_K:
+                xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
+            else:
+                xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
+            wi = (_nibble_f32(words, i) * s16 + c).to(xi.dtype)  # [BN, 16], exact (q - z) * s rounded
+            acc = tl.dot(wi, tl.trans(xi), acc)  # [BN, BM]
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _epilogue(tl.trans(acc), rm, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, ws_ptr,
+              lock_ptr, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units,
+                    BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
+    """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
+    NPG: tl.constexpr = 8 // SUB
+    pid_n = tl.program_id(0)
+    pid_u = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rs = tl.arange(0, WORDS)
+    n_ok = rn[:, None] < N
+    for r in tl.static_range(NU):
+        u = pid_u * NU + r
+        u_ok = u < n_units
+        words = tl.load(w_ptr + rn[:, None] * KW + u * WORDS + rs[None, :], mask=u_ok, other=0)
+        if SUB == 1:
+            s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, u_ok)
+            s16 = s16[:, None]
+            c = c[:, None]
+        for i in tl.static_range(8):
+            if SUB > 1:
+                if i % NPG == 0:
+                    s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, u_ok)
+                    s16 = s16[:, None]
+                    c = c[:, None]
+            k = u * 128 + i * 16 + rs  # [16]
+            w = _nibble_f32(words, i) * s16 + c
+            tl.store(out_ptr + rn[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=n_ok & (k < K)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers: x2 [M, K] contiguous rows, p a PackedInt4 on the same CUDA device
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _n_sms(t: torch.Tensor) -> int:
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _geometry(p):
+    """(SUB, UPG): groups per unit, units per group, for the kernels' group size."""
+    gs = p.kernel_group_size
+    return (UNIT // gs, 1) if gs < UNIT else (1, gs // UNIT)
+
+
+def _split(tiles: int, n_units: int, step: int, sms: int, split):
+    """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty."""
+    if split is None:
+        split = max(1, min(SPLIT_WAVES * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
+    if tiles > LOCKS:
+        split = 1
+    ups = -(-n_units // split)
+    ups = -(-ups // step) * step
+    return -(-n_units // ups), ups
+
+
+def _launch_args(x2, p, bias, out, n_split, m_rows):
+    np_ = p.qweight.shape[0]
+    ws = torch.empty(n_split, m_rows, np_, device=x2.device, dtype=torch.float32) if n_split > 1 else out
+    b = bias if bias is not None else out
+    return (x2, p.qweight, p.scales, p.zeros, b, out, ws, p.locks)
+
+
+def gemv(x2, p, bias=None, *, block_n=64, units=2, split=None, num_warps=4, num_stages=1):
+    """CUDA-core GEMV / split-K for M <= 8 (any M works; cost grows with M)."""
+    m, k = x2.shape
+    np_, kw = p.qweight.shape
+    n_units = kw // WORDS
+    bm = max(1, triton.next_power_of_2(m))
+    out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
+    tiles = np_ // block_n
+    n_split, ups = _split(tiles, n_units, units, _n_sms(x2), split)
+    sub, upg = _geometry(p)
+    _gemv_kernel[(tiles, n_split)](
+        *_launch_args(x2, p, bias, out, n_split, m),
+        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
+        BM=bm, BN=block_n, NU=units, SUB=sub, MASK_U=(n_units % units != 0), MASK_K=(k % UNIT != 0),
+        HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _gemm_block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4, num_stages=4):
+    """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
+    m, k = x2.shape
+    np_, kw = p.qweight.shape
+    n_units = kw // WORDS
+    bm = block_m or _gemm_block_m(m)
+    out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
+    tn, tm = np_ // block_n, triton.cdiv(m, bm)
+    n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split)
+    sub, upg = _geometry(p)
+    _gemm_kernel[(tn, tm, n_split)](
+        *_launch_args(x2, p, bias, out, n_split, m),
+        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
+        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
+        SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
+    """The dense weight [N, K] in dtype, written by one Triton kernel."""
+    np_, kw = p.qweight.shape
+    n_units = kw // WORDS
+    out = torch.empty(p.n, p.k, device=p.qweight.device, dtype=dtype)
+    sub, upg = _geometry(p)
+    grid = (triton.cdiv(p.n, block_n), triton.cdiv(n_units, units))
+    _dequant_kernel[grid](p.qweight, p.scales, p.zeros, out, p.n, p.k, np_, kw, upg, n_units,
+                          BN=block_n, NU=units, SUB=sub, num_warps=num_warps)
+    return out
+
+
+def linear(x2, p, bias=None):
+    """x2 [M, K] -> [M, N]: the kernel for this M (GEMV, fused GEMM, or dequantize + cuBLAS)."""
+    m = x2.shape[0]
+    if x2.dtype in (torch.float16, torch.bfloat16):
+        if m <= GEMV_MAX_M:
+            return gemv(x2, p, bias)
+        if m <= GEMM_MAX_M:
+            return gemm(x2, p, bias)
+    return F.linear(x2, dequantize(p, x2.dtype), bias)
