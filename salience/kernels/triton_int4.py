@@ -162,7 +162,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
-                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step: 8 nibble slices, each a [BN, 16] weight tile dequantized to
     x's dtype, times x[:, 16 codes].T on the tensor cores; acc [BN, BM] fp32."""
     NPG: tl.constexpr = 8 // SUB
@@ -197,7 +197,10 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
             else:
                 xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
             wi = (_nibble_f32(words, i) * s16 + c).to(xi.dtype)  # [BN, 16], exact (q - z) * s rounded
-            acc = tl.dot(wi, tl.trans(xi), acc)  # [BN, BM]
+            if DOT_F32:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
+                acc = tl.dot(wi.to(tl.float32), tl.trans(xi.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(wi, tl.trans(xi), acc)  # [BN, BM]
     tile = pid_m * tl.num_programs(0) + pid_n
     _epilogue(tl.trans(acc), rm, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, ws_ptr,
               lock_ptr, stride_om, HAS_BIAS, SPLIT)
@@ -215,8 +218,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units,
     n_ok = rn[:, None] < N
     for r in tl.static_range(NU):
         u = pid_u * NU + r
-        u_ok = u < n_units
-        words = tl.load(w_ptr + rn[:, None] * KW + u * WORDS + rs[None, :], mask=u_ok, other=0)
+        u_ok = rn * 0 + u < n_units  # [BN], all equal
+        words = tl.load(w_ptr + rn[:, None] * KW + u * WORDS + rs[None, :], mask=u_ok[:, None], other=0)
         if SUB == 1:
             s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, u_ok)
             s16 = s16[:, None]
@@ -243,7 +246,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def _n_sms(t: torch.Tensor) -> int:
+    if not t.is_cuda:  # interpreter on CPU tensors: pretend a small GPU so that split-K is exercised
+        return 4
     return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _interpreted() -> bool:
+    """Were the kernels decorated under TRITON_INTERPRET=1 (CPU tests)?"""
+    return not isinstance(_gemm_kernel, triton.runtime.JITFunction)
 
 
 def _geometry(p):
@@ -305,7 +315,8 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m),
         m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
-        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
+        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0),
+        HAS_BIAS=bias is not None, DOT_F32=_interpreted(),
         SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
     return out
 
