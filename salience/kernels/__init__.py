@@ -25,6 +25,7 @@ imported only when a PackedInt4 lives on CUDA), linear.py (PackedInt4, int4_line
 """
 
 from .linear import PackedInt4, int4_linear
+from . import layout, reference
 from .reference import dequantize_awq, int4_linear_ref
 
 __all__ = ["PackedInt4", "int4_linear", "int4_linear_ref", "dequantize_awq"]

@@ -18,14 +18,17 @@ import torch
 
 from . import layout
 
+LOCKS = 4096  # split-K arrival counters per PackedInt4 on CUDA (one per output tile)
+
 
 @dataclass(eq=False)
 class PackedInt4:
     """A 4-bit linear (N outputs, K inputs) in the layout of the device it lives on (layout.py).
 
-    CUDA: qweight int32 [Np, Kp/8], scales fp16 [Gp, Np], zeros uint8 [Gp, Np], locks int32 (split-K
-          counters, zero between calls).
-    CPU:  qweight uint8 (tinygemm), scales = scales_and_zeros [K/g, Np, 2] in dtype, zeros/locks None.
+    layout "triton" (CUDA; on CPU tensors only for the interpreter): qweight int32 [Np, Kp/8],
+        scales fp16 [Gp, Np], zeros uint8 [Gp, Np], locks int32 (split-K counters, zero between calls).
+    layout "tinygemm_cpu": qweight uint8 (tinygemm's packing), scales = scales_and_zeros [K/g, Np, 2]
+        in dtype, zeros and locks None.
     """
 
     n: int
@@ -33,6 +36,7 @@ class PackedInt4:
     group_size: int  # as quantized (-1: one group)
     kernel_group_size: int  # the group size the kernels see (same numbers, maybe finer)
     dtype: torch.dtype  # CPU: the compute dtype; CUDA: informative (kernels take x's dtype)
+    layout: str  # "triton" or "tinygemm_cpu": which kernels read these tensors
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
@@ -45,17 +49,20 @@ class PackedInt4:
         device = torch.device(device) if device is not None else qweight.device
         k, n = qweight.shape[0], qweight.shape[1] * 8
         if device.type == "cuda":
-            t = [a.to(device) for a in (qweight, qzeros, scales)]
-            qw, s, z, kgs = layout.repack_gpu(*t, group_size)
-            from .triton_int4 import LOCKS
-
-            locks = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-            return cls(n, k, group_size, kgs, dtype, qw, s, z, locks)
+            return cls.for_triton(*[a.to(device) for a in (qweight, qzeros, scales)], group_size, dtype)
         if device.type != "cpu":
             raise NotImplementedError(f"no int4 kernels for device {device}")
         t = [a.cpu() for a in (qweight, qzeros, scales)]
         w, sz, cgs = layout.repack_cpu(*t, group_size, dtype)
-        return cls(n, k, group_size, cgs, dtype, w, sz)
+        return cls(n, k, group_size, cgs, dtype, "tinygemm_cpu", w, sz)
+
+    @classmethod
+    def for_triton(cls, qweight, qzeros, scales, group_size: int, dtype=torch.float16) -> "PackedInt4":
+        """The Triton kernels' layout on qweight's device (CUDA; CPU tensors serve the interpreter)."""
+        k, n = qweight.shape[0], qweight.shape[1] * 8
+        qw, s, z, kgs = layout.repack_gpu(qweight, qzeros, scales, group_size)
+        locks = torch.zeros(LOCKS, dtype=torch.int32, device=qweight.device)
+        return cls(n, k, group_size, kgs, dtype, "triton", qw, s, z, locks)
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +79,7 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
         y = x2.new_zeros(0, p.n)
-    elif p.device.type == "cuda":
+    elif p.layout == "triton":
         from . import triton_int4
 
         y = triton_int4.linear(x2, p, bias)

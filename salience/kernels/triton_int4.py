@@ -35,12 +35,12 @@ import triton
 import triton.language as tl
 
 from .layout import UNIT, WORDS
+from .linear import LOCKS
 
 GEMV_MAX_M = 8  # tokens up to which _gemv_kernel runs
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
-LOCKS = 4096  # split-K counters per PackedInt4 (one per output tile)
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def _split(tiles: int, n_units: int, step: int, sms: int, split):
     """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty."""
     if split is None:
         split = max(1, min(SPLIT_WAVES * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
-    if tiles > LOCKS:
+    if tiles > LOCKS:  # one counter per tile
         split = 1
     ups = -(-n_units // split)
     ups = -(-ups // step) * step

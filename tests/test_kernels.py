@@ -1,0 +1,122 @@
+"""salience.kernels on CPU: the spec against salience.packing, the GPU repacking (pure torch), and the
+CPU int4 path (torch's tinygemm for CPU) against the spec. The Triton kernels: test_kernels_triton.py."""
+
+import pytest
+import torch
+
+from salience import packing, quant
+from salience.kernels import PackedInt4, dequantize_awq, int4_linear, int4_linear_ref, layout
+
+# relative error ||y - ref|| / ||ref|| against the spec evaluated in float64; the floor is the
+# rounding of the output (and, on CPU, of tinygemm's scales and float zeros) to the compute dtype
+TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
+
+
+def awq_linear(n, k, group_size, seed=0):
+    """Random weight [N, K], quantized and packed: (qweight, qzeros, scales)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    codes, s, z = quant.quantize(w, quant.QuantConfig(4, group_size))
+    return packing.pack_linear(codes, s, z)
+
+
+def spec64(x, awq, group_size, bias=None):
+    """The spec with the weight rounded to x.dtype (as the spec does), then evaluated in float64."""
+    w = dequantize_awq(*awq, group_size, dtype=x.dtype).double()
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+SHAPES = [(72, 256, 32), (200, 576, 64), (136, 384, 128), (72, 576, -1), (40, 192, 96), (8, 128, 128)]
+
+
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+def test_reference_matches_packing(n, k, gs):
+    awq = awq_linear(n, k, gs)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(dequantize_awq(*awq, gs, dtype), packing.dequantize_packed(*awq, gs, dtype))
+
+
+def test_reference_is_linear():
+    awq = awq_linear(72, 256, 64)
+    x = torch.randn(3, 256)
+    b = torch.randn(72)
+    w = packing.dequantize_packed(*awq, 64, torch.float32)
+    torch.testing.assert_close(int4_linear_ref(x, *awq, 64, b), x @ w.t() + b)
+
+
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+def test_gpu_layout_round_trip(n, k, gs):
+    qweight, qzeros, scales = awq_linear(n, k, gs)
+    qw, s, z, kgs = layout.repack_gpu(qweight, qzeros, scales, gs)
+    np_, kp = qw.shape[0], qw.shape[1] * 8
+    assert np_ % layout.N_ALIGN == 0 and kp % layout.UNIT == 0 and np_ >= n and kp >= k
+    codes = packing.unpack(qweight).t()  # [N, K]
+    back = layout.unpack_gpu(qw)
+    assert torch.equal(back[:n, :k], codes)
+    assert not back[n:].any() and not back[:, k:].any()
+    # scales/zeros per kernel group, [Gp, Np]; padding is zero
+    full_gs = k if gs == -1 else gs
+    rep = full_gs // kgs
+    _, s_rows, z_rows = packing.unpack_linear(qweight, qzeros, scales)  # [N, G]
+    assert torch.equal(s[: k // kgs, :n].float(), s_rows.repeat_interleave(rep, 1).t())
+    assert torch.equal(z[: k // kgs, :n].float(), z_rows.repeat_interleave(rep, 1).t())
+    assert not s[:, n:].any() and not z[:, n:].any()
+
+
+def test_gpu_layout_drawn_example():
+    """The example in layout.py: codes k % 16 along one unit give word s = s repeated in every nibble."""
+    codes = (torch.arange(128) % 16).repeat(8, 1)  # [N=8, K=128]
+    qweight = packing.pack(codes.t())  # [K, N/8]
+    qzeros = packing.pack(torch.zeros(1, 8, dtype=torch.int64))
+    scales = torch.ones(1, 8, dtype=torch.float16)
+    qw, _, _, _ = layout.repack_gpu(qweight, qzeros, scales, 128)
+    assert qw[0, 3].item() == 0x33333333
+    assert [w & 0xFFFFFFFF for w in qw[0].tolist()] == [0x11111111 * s for s in range(16)]
+
+
+def test_group_size_must_be_multiple_of_32():
+    awq = awq_linear(8, 96, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        layout.repack_gpu(*awq, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        PackedInt4.from_awq(*awq, 48, device="cpu")
+
+
+CPU_CASES = [  # (n, k, group_size, m)
+    (72, 256, 32, 1), (200, 576, 64, 1), (136, 384, 128, 5), (72, 576, -1, 16),
+    (40, 192, 96, 2), (200, 256, 128, 128), (72, 384, 64, 300), (8, 128, 32, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k,gs,m", CPU_CASES)
+def test_cpu_int4_linear(n, k, gs, m, dtype):
+    awq = awq_linear(n, k, gs, seed=n + k + m)
+    p = PackedInt4.from_awq(*awq, gs, device="cpu", dtype=dtype)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if m % 2 else None
+    y = int4_linear(x, p, bias)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, spec64(x, awq, gs, bias)) < TOL[dtype]
+
+
+def test_cpu_leading_dims_and_dtype_cast():
+    awq = awq_linear(72, 256, 64)
+    p = PackedInt4.from_awq(*awq, 64, device="cpu", dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 256)  # fp32 activations, bf16 compute
+    y = int4_linear(x, p)
+    assert y.shape == (2, 3, 72) and y.dtype == torch.float32
+    assert rel_err(y.reshape(6, 72), spec64(x.reshape(6, 256).bfloat16(), awq, 64)) < TOL[torch.bfloat16]
+    assert int4_linear(x[:, :0], p).shape == (2, 0, 72)
+
+
+def test_wrong_in_features():
+    awq = awq_linear(72, 256, 64)
+    p = PackedInt4.from_awq(*awq, 64, device="cpu")
+    with pytest.raises(ValueError, match="256"):
+        int4_linear(torch.randn(2, 128), p)

@@ -1,0 +1,204 @@
+"""The Triton kernels (salience/kernels/triton_int4.py) against the spec, every kernel over many shapes.
+
+With CUDA they run compiled, over larger shapes. Without CUDA they run in Triton's interpreter, which
+must be switched on (TRITON_INTERPRET=1) before triton is first imported, and which then changes how
+every Triton kernel in the process behaves. So on a machine without CUDA this file, collected in an
+ordinary pytest process, holds one test that runs the file again in a child process with
+TRITON_INTERPRET=1; the child runs the cases. That cannot depend on test order, and leaves other
+tests' processes alone. triton must be installed: without it the child fails, and so does that test
+(it never skips).
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from salience.kernels import PackedInt4, dequantize_awq, int4_linear
+try:
+    from test_kernels import awq_linear, rel_err, spec64
+except ImportError:  # tests/ imported as a package
+    from tests.test_kernels import awq_linear, rel_err, spec64
+
+CUDA = torch.cuda.is_available()
+RUN_HERE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+if RUN_HERE:
+    import triton  # noqa: F401  (missing triton is a failure, on purpose)
+
+    from salience.kernels import triton_int4 as T
+
+    assert CUDA or T._interpreted()
+
+
+def test_triton_kernels_in_interpreter():
+    """Without CUDA: run this file's cases in a child process under Triton's interpreter."""
+    if RUN_HERE:
+        return  # this process runs the cases itself
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"interpreted Triton kernel tests failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+    print(r.stdout.strip().splitlines()[-1])
+
+
+DEV = "cuda" if CUDA else "cpu"
+F16, BF16 = torch.float16, torch.bfloat16
+# the interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest even)
+TOL = {F16: 1.5e-3, BF16: 6e-3 if CUDA else 1.5e-2}
+
+
+def pick(small, full):
+    return full if CUDA else small
+
+
+_cache = {}
+
+
+def packed(n, k, gs):
+    """(PackedInt4 in the Triton layout on DEV, AWQ tensors on CPU), cached per shape."""
+    if (n, k, gs) not in _cache:
+        awq = awq_linear(n, k, gs, seed=n * 7 + k)
+        p = PackedInt4.for_triton(*[a.to(DEV) for a in awq], gs)
+        _cache[n, k, gs] = (p, awq)
+    return _cache[n, k, gs]
+
+
+def check(y, x, awq, gs, bias, p):
+    ref = spec64(x.cpu(), awq, gs, None if bias is None else bias.cpu())
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), ref) < TOL[x.dtype]
+    assert not p.locks.any(), "split-K counters must be back at zero"
+
+
+def inputs(m, k, n, dtype, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+    b = torch.randn(n, generator=g).to(dtype).to(DEV) if with_bias else None
+    return x, b
+
+
+# (n, k, group_size): odd N, K not a multiple of 128 (576, 192), group sizes 32/64/128/-1 and 96
+SMALL_SHAPES = [(72, 256, 32), (200, 576, 64), (136, 1024, 128), (72, 384, -1), (40, 192, 96), (8, 640, 128)]
+FULL_SHAPES = SMALL_SHAPES + [(4104, 4096, 128), (200, 4096, 32), (1000, 2880, 64), (72, 11008, 128),
+                              (4096, 576, -1)]
+
+GEMV_CASES = pick(
+    [  # n, k, gs, m, dtype, units, split, bias, block_n
+        (72, 256, 32, 1, F16, 2, None, True, 64),
+        (200, 576, 64, 3, BF16, 2, 2, False, 64),
+        (136, 1024, 128, 8, F16, 1, 3, True, 32),
+        (72, 384, -1, 2, BF16, 4, 1, True, 64),
+        (40, 192, 96, 1, BF16, 2, None, False, 16),
+        (8, 640, 128, 5, F16, 2, 4, True, 128),
+    ],
+    [(n, k, gs, m, dt, u, s, b, bn)
+     for (n, k, gs), m, dt, (u, s, bn), b in itertools.product(
+         FULL_SHAPES, (1, 2, 5, 8), (F16, BF16), ((2, None, 64), (1, 3, 32), (4, 1, 128)), (True,))]
+    + [(4104, 4096, 128, 1, BF16, 2, None, False, 64), (72, 11008, 128, 1, F16, 2, 32, False, 16)],
+)
+
+
+@pytest.mark.parametrize("n,k,gs,m,dtype,units,split,with_bias,block_n", GEMV_CASES)
+def test_gemv(n, k, gs, m, dtype, units, split, with_bias, block_n):
+    p, awq = packed(n, k, gs)
+    x, b = inputs(m, k, n, dtype, with_bias, seed=m)
+    y = T.gemv(x, p, b, units=units, split=split, block_n=block_n)
+    check(y, x, awq, gs, b, p)
+
+
+GEMM_CASES = pick(
+    [  # n, k, gs, m, dtype, block_m, split, bias, block_n
+        (72, 256, 32, 1, BF16, None, None, True, 64),
+        (200, 576, 64, 17, F16, None, 2, False, 128),
+        (136, 1024, 128, 33, BF16, 32, 3, True, 64),
+        (72, 384, -1, 16, F16, 16, 1, False, 128),
+        (40, 192, 96, 20, F16, None, None, True, 64),
+        (8, 640, 128, 70, BF16, 64, 2, False, 64),
+    ],
+    [(n, k, gs, m, dt, bm, s, b, bn)
+     for (n, k, gs), m, dt, (bm, s, bn), b in itertools.product(
+         FULL_SHAPES, (1, 16, 17, 64, 100, 256, 300), (F16, BF16),
+         ((None, None, 128), (None, 3, 64), (64, 1, 64)), (True,))],
+)
+
+
+@pytest.mark.parametrize("n,k,gs,m,dtype,block_m,split,with_bias,block_n", GEMM_CASES)
+def test_gemm(n, k, gs, m, dtype, block_m, split, with_bias, block_n):
+    p, awq = packed(n, k, gs)
+    x, b = inputs(m, k, n, dtype, with_bias, seed=m)
+    y = T.gemm(x, p, b, block_m=block_m, split=split, block_n=block_n)
+    check(y, x, awq, gs, b, p)
+
+
+@pytest.mark.parametrize("n,k,gs", pick(SMALL_SHAPES, FULL_SHAPES))
+@pytest.mark.parametrize("dtype", [F16, BF16, torch.float32])
+def test_dequantize_is_exact(n, k, gs, dtype):
+    """The kernel's one fma gives exactly the spec's fp32 (q - z) * s; then one rounding to dtype."""
+    p, awq = packed(n, k, gs)
+    w = T.dequantize(p, dtype).cpu()
+    ref = dequantize_awq(*awq, gs, dtype)
+    if CUDA or dtype != BF16:
+        assert torch.equal(w, ref)
+    else:  # interpreter truncates to bf16: at most one bf16 step away
+        assert ((w.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+
+
+@pytest.mark.parametrize("m", pick([1, 8, 9, 300], [1, 2, 7, 8, 9, 16, 31, 64, 128, 255, 256, 257, 600]))
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_int4_linear_dispatch(m, dtype):
+    n, k, gs = (200, 576, 64) if not CUDA else (1000, 2880, 64)
+    p, awq = packed(n, k, gs)
+    x, b = inputs(m, k, n, dtype, True, seed=m)
+    y = int4_linear(x.reshape(1, m, k), p, b)
+    assert y.shape == (1, m, n)
+    check(y[0], x, awq, gs, b, p)
+
+
+def test_split_k_is_deterministic():
+    p, _ = packed(136, 1024, 128)
+    x, _ = inputs(3, 1024, 136, F16, False)
+    a = T.gemv(x, p, split=4, units=1)
+    b = T.gemv(x, p, split=4, units=1)
+    assert torch.equal(a, b) and not p.locks.any()
+    c = T.gemm(x, p, split=3)
+    assert torch.equal(c, T.gemm(x, p, split=3)) and not p.locks.any()
+
+
+def test_fp32_activations_go_through_dequantize():
+    p, awq = packed(72, 256, 32)
+    x, b = inputs(4, 256, 72, torch.float32, True)
+    y = int4_linear(x, p, b)
+    ref = spec64(x.cpu(), awq, 32, b.cpu())
+    assert y.dtype == torch.float32 and rel_err(y.cpu(), ref) < 1e-4  # cuBLAS may use tf32-free fp32
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay():
+    p, _ = packed(4104, 4096, 128)
+    for m in (1, 16, 512):
+        x, b = inputs(m, 4096, 4104, BF16, True, seed=m)
+        eager = int4_linear(x, p, b)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            int4_linear(x, p, b)  # warm up (compile) outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = int4_linear(x, p, b)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager) and not p.locks.any()
+
+
+if not RUN_HERE:  # the cases run in the child process (test_triton_kernels_in_interpreter)
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_triton_kernels_in_interpreter"]:
+        del globals()[_name]
