@@ -35,7 +35,7 @@ class SearchConfig:
     clip_max_shrink: float = 0.5  # ... down to (1 - clip_max_shrink) of the range
     # "output": error of the inspected module's output (reference), measured on `search_tokens` tokens;
     # "gram": error of the group's linear outputs, tr(dW G dW^T) over all tokens (fast on CPUs).
-    loss: str = "output"
+    loss: str = "gram"
     search_tokens: int = 8192
 
     def __post_init__(self):
