@@ -41,6 +41,9 @@ GEMV_MAX_M = 8  # tokens up to which _gemv_kernel runs
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
+# integer arguments that only bound loops and masks: not worth a compiled variant per value class
+# (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
+_RUNTIME_INTS = ["M", "N", "K", "UPG", "n_units", "units_per_split"]
 
 
 @triton.jit
@@ -94,7 +97,7 @@ def _scale_zero(s_ptr, z_ptr, g, rn, NP, mask):
     return s * 16.0, -(z + 16.0) * s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr,
@@ -158,7 +161,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
               stride_om, HAS_BIAS, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
@@ -206,7 +209,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
               lock_ptr, stride_om, HAS_BIAS, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "UPG", "n_units"])
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
     """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
