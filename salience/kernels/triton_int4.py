@@ -3,7 +3,7 @@
 Decode is memory-bound: at M tokens a linear must stream N*K/2 bytes of codes, so each kernel is
 judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Three:
 
-  _gemv_kernel     M <= 8, CUDA cores. Programs own BLOCK_N rows and a K range (split-K).
+  _gemv_kernel     M = 1, CUDA cores. Programs own BLOCK_N rows and a K range (split-K).
   _gemm_kernel     M up to a few hundred: dequantize a [BLOCK_N, 16] slice in registers and feed it
                    to the tensor cores as the A operand, tokens as B (acc is [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
@@ -37,23 +37,27 @@ import triton.language as tl
 from .layout import UNIT, WORDS
 from .linear import LOCKS
 
-GEMV_MAX_M = 8  # tokens up to which _gemv_kernel runs
+GEMV_MAX_M = 1  # tokens up to which _gemv_kernel runs
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
 # (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
-_RUNTIME_INTS = ["M", "N", "K", "UPG", "n_units", "units_per_split"]
+_RUNTIME_INTS = ["M", "N", "K", "UPG", "n_units", "units_per_split", "ONE"]
+ONE = 0x3F800000  # the bits of 1.0f
+_WORDS = tl.constexpr(WORDS)  # int32 words per unit (128 codes) and row
 
 
 @triton.jit
-def _nibble_f32(words, i: tl.constexpr):
-    """Nibble i of each int32 word as fp32 v = 1 + q/16: the 4 bits go straight into the mantissa."""
+def _nibble_f32(words, i: tl.constexpr, one):
+    """Nibble i of each int32 word as fp32 v = 1 + q/16: the 4 bits go straight into the mantissa.
+    one = 0x3F800000 (the bits of 1.0) arrives as a kernel argument: in a register, the mask and the
+    or fuse into one LOP3 (with two immediates ptxas emits two)."""
     if 4 * i <= 19:
         t = words << (19 - 4 * i)
     else:
         t = words >> (4 * i - 19)
-    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((t & 0x780000) | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -97,73 +101,87 @@ def _scale_zero(s_ptr, z_ptr, g, rn, NP, mask):
     return s * 16.0, -(z + 16.0) * s
 
 
+@triton.jit
+def _below(a, b, BN: tl.constexpr):
+    """The scalar a < b as a [BN, 1] mask (Triton's CPU interpreter wants tensor masks)."""
+    return tl.zeros([BN, 1], dtype=tl.int32) + a < b
+
+
+@triton.jit
+def _gemv_unit(acc, words, x_row, s_ptr, z_ptr, u, rn, rs, K, NP, UPG, ONE,
+               SUB: tl.constexpr, MASK_K: tl.constexpr):
+    """acc [BN, 16] += this unit's products for one token: per word and group it sums
+    p = sum_i v_i x_i and xs = sum_i x_i over the group's nibbles, then adds 16s * p + c * xs."""
+    NPG: tl.constexpr = 8 // SUB  # nibbles per group
+    if SUB == 1:
+        s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, None)
+    for i in tl.static_range(8):
+        if SUB > 1:
+            if i % NPG == 0:
+                s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, None)
+        k = u * 128 + i * 16 + rs  # [16]
+        if MASK_K:
+            xi = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        else:
+            xi = tl.load(x_row + k).to(tl.float32)
+        v = _nibble_f32(words, i, ONE)  # [BN, 16]
+        if i % NPG == 0:
+            p = v * xi[None, :]
+            xs = xi
+        else:
+            p += v * xi[None, :]
+            xs += xi
+        if i % NPG == NPG - 1:
+            acc += p * s16[:, None] + xs[None, :] * c[:, None]
+    return acc
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
-                 BM: tl.constexpr, BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr,
+                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
+                 BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr,
                  MASK_U: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """out[:M, n-block] = x[:M] @ W[n-block].T over units [u_lo, u_hi); NU units per step
-    (MASK_U: the last step may hold fewer than NU units; MASK_K: K is not a multiple of 128).
-    Tiles: words [BN, NU, 16]; x [BM, NU, 16]; accumulator [BM, BN, NU, 16] (summed at the end).
-    SUB = groups per unit (1 when the group size is a multiple of 128; 2 for 64; 4 for 32)."""
-    NPG: tl.constexpr = 8 // SUB  # nibbles per group
+    """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
+    axis 2; meant for M = 1). NU = 1 or 2 units per step, the next step's words loaded while this one
+    computes. Every tile is [BN, 16] (rows, words of a unit) or a slice of it: no layout changes.
+    MASK_U: a step may run past u_hi (NU = 2, odd unit count); MASK_K: K is not a multiple of 128."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
-    rm = tl.arange(0, BM)
-    ru = tl.arange(0, NU)
-    rs = tl.arange(0, WORDS)
-    w_off = rn[:, None, None] * KW + ru[None, :, None] * WORDS + rs[None, None, :]  # [BN, NU, 16]
-    kx = ru[None, :, None] * 128 + rs[None, None, :]  # [1, NU, 16]: k of nibble 0, unit u0
-    x_base = x_ptr + rm[:, None, None] * stride_xm + kx  # [BM, NU, 16]
-    m_ok = rm[:, None, None] < M
+    rs = tl.arange(0, _WORDS)
+    w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
+    x_row = x_ptr + m * stride_xm
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
 
-    acc = tl.zeros([BM, BN, NU, WORDS], dtype=tl.float32)
-    words = tl.load(w_ptr + w_off + u_lo * WORDS, mask=(u_lo + ru < u_hi)[None, :, None], other=0)
-    for u0 in range(u_lo, u_hi, NU):
+    acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
+    wa = tl.load(w_base + u_lo * _WORDS)
+    if NU == 2:
+        wb = tl.load(w_base + (u_lo + 1) * _WORDS, mask=_below(u_lo + 1, u_hi, BN), other=0)
+    for u in range(u_lo, u_hi, NU):
         # the next step's words are in flight while this step computes
-        nxt = tl.load(w_ptr + w_off + (u0 + NU) * WORDS, mask=(u0 + NU + ru < u_hi)[None, :, None], other=0)
-        u = u0 + ru  # [NU]
-        u_ok = (u < u_hi)[None, :]  # [1, NU]
-        if SUB == 1:
-            s16, c = _scale_zero(s_ptr, z_ptr, (u // UPG)[None, :], rn[:, None], NP, u_ok)  # [BN, NU]
-            s16 = s16[None, :, :, None]
-            c = c[None, :, :, None]
-        xk = x_base + u0 * 128
-        x_ok = m_ok
-        if MASK_U:
-            x_ok = x_ok & u_ok[:, :, None]
-        for i in tl.static_range(8):
-            if SUB > 1:
-                if i % NPG == 0:
-                    s16, c = _scale_zero(s_ptr, z_ptr, (u * SUB + i // NPG)[None, :], rn[:, None], NP, u_ok)
-                    s16 = s16[None, :, :, None]
-                    c = c[None, :, :, None]
-            if MASK_K:
-                xi = tl.load(xk + i * 16, mask=x_ok & (kx + u0 * 128 + i * 16 < K), other=0.0)
+        na = tl.load(w_base + (u + NU) * _WORDS, mask=_below(u + NU, u_hi, BN), other=0)
+        if NU == 2:
+            nb = tl.load(w_base + (u + NU + 1) * _WORDS, mask=_below(u + NU + 1, u_hi, BN), other=0)
+        acc = _gemv_unit(acc, wa, x_row, s_ptr, z_ptr, u, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
+        if NU == 2:
+            if MASK_U:
+                if u + 1 < u_hi:
+                    acc = _gemv_unit(acc, wb, x_row, s_ptr, z_ptr, u + 1, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
             else:
-                xi = tl.load(xk + i * 16, mask=x_ok, other=0.0)
-            xi = xi.to(tl.float32)[:, None, :, :]  # [BM, 1, NU, 16]
-            v = _nibble_f32(words, i)[None, :, :, :]  # [1, BN, NU, 16]
-            if i % NPG == 0:
-                p = v * xi
-                xs = xi
-            else:
-                p += v * xi
-                xs += xi
-            if i % NPG == NPG - 1:
-                acc += p * s16 + xs * c
-        words = nxt
-    out = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BM, BN]
-    _epilogue(out, rm, rn, pid_n, pid_k, tl.num_programs(1), M, N, NP, b_ptr, out_ptr, ws_ptr, lock_ptr,
-              stride_om, HAS_BIAS, SPLIT)
+                acc = _gemv_unit(acc, wb, x_row, s_ptr, z_ptr, u + 1, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
+            wb = nb
+        wa = na
+    out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    rm = m + tl.arange(0, 1)
+    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
+              b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
+                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
                  MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step: 8 nibble slices, each a [BN, 16] weight tile dequantized to
@@ -174,7 +192,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     pid_k = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
-    rs = tl.arange(0, WORDS)
+    rs = tl.arange(0, _WORDS)
     w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
     x_base = x_ptr + rm[:, None] * stride_xm + rs[None, :]  # [BM, 16]
     m_ok = rm[:, None] < M
@@ -183,7 +201,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for u in range(u_lo, u_hi):
-        words = tl.load(w_base + u * WORDS)  # [BN, 16] int32
+        words = tl.load(w_base + u * _WORDS)  # [BN, 16] int32
         if SUB == 1:
             s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, None)
             s16 = s16[:, None]
@@ -199,7 +217,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                 xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
             else:
                 xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
-            wi = (_nibble_f32(words, i) * s16 + c).to(xi.dtype)  # [BN, 16], exact (q - z) * s rounded
+            wi = (_nibble_f32(words, i, ONE) * s16 + c).to(xi.dtype)  # [BN, 16], exact (q - z) * s rounded
             if DOT_F32:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
                 acc = tl.dot(wi.to(tl.float32), tl.trans(xi.to(tl.float32)), acc)
             else:
@@ -209,20 +227,20 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
               lock_ptr, stride_om, HAS_BIAS, SPLIT)
 
 
-@triton.jit(do_not_specialize=["N", "K", "UPG", "n_units"])
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units,
+@triton.jit(do_not_specialize=["N", "K", "UPG", "n_units", "ONE"])
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
     """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
     NPG: tl.constexpr = 8 // SUB
     pid_n = tl.program_id(0)
     pid_u = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
-    rs = tl.arange(0, WORDS)
+    rs = tl.arange(0, _WORDS)
     n_ok = rn[:, None] < N
     for r in tl.static_range(NU):
         u = pid_u * NU + r
         u_ok = rn * 0 + u < n_units  # [BN], all equal
-        words = tl.load(w_ptr + rn[:, None] * KW + u * WORDS + rs[None, :], mask=u_ok[:, None], other=0)
+        words = tl.load(w_ptr + rn[:, None] * KW + u * _WORDS + rs[None, :], mask=u_ok[:, None], other=0)
         if SUB == 1:
             s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, u_ok)
             s16 = s16[:, None]
@@ -234,7 +252,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units,
                     s16 = s16[:, None]
                     c = c[:, None]
             k = u * 128 + i * 16 + rs  # [16]
-            w = _nibble_f32(words, i) * s16 + c
+            w = _nibble_f32(words, i, ONE) * s16 + c
             tl.store(out_ptr + rn[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=n_ok & (k < K)[None, :])
 
@@ -283,20 +301,19 @@ def _launch_args(x2, p, bias, out, n_split, m_rows):
     return (x2, p.qweight, p.scales, p.zeros, b, out, ws, p.locks)
 
 
-def gemv(x2, p, bias=None, *, block_n=64, units=2, split=None, num_warps=4, num_stages=1):
-    """CUDA-core GEMV / split-K for M <= 8 (any M works; cost grows with M)."""
+def gemv(x2, p, bias=None, *, block_n=128, units=2, split=None, num_warps=4, num_stages=1):
+    """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works)."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
     n_units = kw // WORDS
-    bm = max(1, triton.next_power_of_2(m))
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
-    n_split, ups = _split(tiles, n_units, units, _n_sms(x2), split)
+    n_split, ups = _split(tiles * m, n_units, units, _n_sms(x2), split)
     sub, upg = _geometry(p)
-    _gemv_kernel[(tiles, n_split)](
+    _gemv_kernel[(tiles, n_split, m)](
         *_launch_args(x2, p, bias, out, n_split, m),
-        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
-        BM=bm, BN=block_n, NU=units, SUB=sub, MASK_U=(n_units % units != 0), MASK_K=(k % UNIT != 0),
+        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
+        BN=block_n, NU=units, SUB=sub, MASK_U=(n_units % units != 0), MASK_K=(k % UNIT != 0),
         HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -317,7 +334,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m),
-        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
+        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
         BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0),
         HAS_BIAS=bias is not None, DOT_F32=_interpreted(),
         SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
@@ -331,7 +348,7 @@ def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
     out = torch.empty(p.n, p.k, device=p.qweight.device, dtype=dtype)
     sub, upg = _geometry(p)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(n_units, units))
-    _dequant_kernel[grid](p.qweight, p.scales, p.zeros, out, p.n, p.k, np_, kw, upg, n_units,
+    _dequant_kernel[grid](p.qweight, p.scales, p.zeros, out, p.n, p.k, np_, kw, upg, n_units, ONE,
                           BN=block_n, NU=units, SUB=sub, num_warps=num_warps)
     return out
 
