@@ -43,10 +43,12 @@ def test_reference_matches_packing(n, k, gs):
 
 def test_reference_is_linear():
     awq = awq_linear(72, 256, 64)
-    x = torch.randn(3, 256)
-    b = torch.randn(72)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 256, generator=g)
+    b = torch.randn(72, generator=g)
     w = packing.dequantize_packed(*awq, 64, torch.float32)
-    torch.testing.assert_close(int4_linear_ref(x, *awq, 64, b), x @ w.t() + b)
+    # fp32 sums of 256 products in another order: allow float32 rounding of a sum that size
+    torch.testing.assert_close(int4_linear_ref(x, *awq, 64, b), x @ w.t() + b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n,k,gs", SHAPES)
