@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import PackedInt4, int4_linear
 from .packing import PACK, dequantize_packed
 
 
@@ -15,7 +16,8 @@ class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored as 4-bit codes: qweight int32 [K, N/8], qzeros int32 [G, N/8],
     scales fp16 [G, N] (G = K / group_size), bias [N] or None.
 
-    forward() dequantizes to x's dtype and calls F.linear: the reference path, correct on every device."""
+    forward() runs salience.kernels.int4_linear on a copy of the weights repacked once for x's device
+    (Triton kernels on CUDA, torch's int4 CPU kernel on the CPU); dequantized_weight() is the reference."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
                  dtype=torch.float16, device=None):
@@ -38,9 +40,26 @@ class QuantLinear(nn.Module):
         return dequantize_packed(self.qweight, self.qzeros, self.scales, self.group_size,
                                  dtype=dtype or self.scales.dtype)
 
+    def packed(self, device, dtype) -> PackedInt4:
+        """The kernels' copy of the weights for (device, dtype), repacked on first use and kept (not part
+        of the state dict: the checkpoint stores only the AWQ layout)."""
+        p = self.__dict__.get("_packed")
+        if p is None or p.device != torch.device(device) or (p.device.type == "cpu" and p.dtype != dtype):
+            p = PackedInt4.from_awq(self.qweight, self.qzeros, self.scales, self.group_size, device=device,
+                                    dtype=dtype)
+            self.__dict__["_packed"] = p
+        return p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), b)
+        if x.device.type == "cpu" and x.dtype != torch.bfloat16:
+            # torch's CPU int4 kernel is fast only in bf16; other dtypes take the exact dequantize path
+            return F.linear(x, self.dequantized_weight(x.dtype), b)
+        return int4_linear(x, self.packed(x.device, x.dtype), b)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_packed", None)  # .to() / .cuda(): repack on the next call
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

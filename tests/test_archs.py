@@ -73,11 +73,19 @@ def test_quantize_and_reload_same_logits(model_type, tmp_path):
     n_q = sum(isinstance(mod, QuantLinear) for mod in qm.modules())
     n_lin = sum(len([x for x in b.modules() if isinstance(x, torch.nn.Linear)]) for b in get_module(m, arch.layers))
     assert n_q == n_lin > 0
+    # the reloaded 4-bit weights are exactly the in-memory fake-quantized ones
+    fq_mods = dict(fq.named_modules())
+    for name, mod in qm.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.dequantized_weight(dtype), fq_mods[name].weight), name
     ids = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         a, b = fq(ids).logits, qm(ids).logits
     assert torch.isfinite(a).all()
-    assert torch.equal(a, b), (a - b).abs().max()
+    if dtype == torch.bfloat16:  # the CPU int4 kernel (bf16) sums in another order than F.linear
+        torch.testing.assert_close(b, a, rtol=0.02, atol=0.01)
+    else:  # fp16/fp32 on the CPU: dequantize + F.linear, bit-identical
+        assert torch.equal(a, b), (a - b).abs().max()
     assert qtok is not None
 
 
