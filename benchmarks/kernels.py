@@ -24,6 +24,7 @@ baselines are reported with their own bytes (2*N*K + x + y). Ratios are time(bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -72,6 +73,12 @@ def random_awq(k, n, gs, device, seed=0):
     qzeros = torch.randint(-2**31, 2**31, (k // gs, n // 8), dtype=torch.int64, generator=g, device=device)
     scales = (torch.rand(k // gs, n, generator=g, device=device) * 2e-3 + 1e-4).to(torch.float16)
     return qweight.to(torch.int32), qzeros.to(torch.int32), scales
+
+
+def copy_packed(p):
+    """Another PackedInt4 with its own copies of the tensors (weights rotated past the cache)."""
+    return dataclasses.replace(p, qweight=p.qweight.clone(), scales=p.scales.clone(),
+                               locks=None if p.locks is None else p.locks.clone())
 
 
 def n_copies(nbytes, cache_bytes):
@@ -181,9 +188,7 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
             awq = random_awq(k, n, GS, dev, seed=k + n)
             p0 = PackedInt4.from_awq(*awq, GS, device=dev, dtype=torch.bfloat16)
             c4 = n_copies(n * k // 2, l2)
-            ours = [p0] + [PackedInt4(p0.n, p0.k, p0.group_size, p0.kernel_group_size, p0.dtype, p0.layout,
-                                      p0.qweight.clone(), p0.scales.clone(), p0.zeros.clone(), p0.locks.clone())
-                           for _ in range(c4 - 1)]
+            ours = [p0] + [copy_packed(p0) for _ in range(c4 - 1)]
             cd = n_copies(2 * n * k, l2)
             w16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(cd)]
             wh = [w.to(torch.float16) for w in w16]
@@ -304,10 +309,9 @@ def sweep(out_dir):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(4096, 12288), (4096, 4096), (11008, 4096)]
-    gemv_cfgs = [dict(block_n=bn, units=nu, num_warps=nw) for bn, nu, nw in
-                 [(64, 2, 4), (128, 2, 4), (64, 2, 2), (256, 2, 8), (128, 1, 4), (256, 2, 4), (32, 2, 2)]]
+    gemv_cfgs = [dict(block_n=bn, num_warps=nw) for bn, nw in [(128, 4), (64, 2), (64, 4), (128, 8), (32, 2), (128, 2)]]
     gemm_cfgs = [dict(block_n=bn, num_warps=nw, num_stages=ns) for bn, nw, ns in
-                 [(64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (256, 8, 3), (64, 2, 4)]]
+                 [(64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (64, 2, 4), (128, 4, 2)]]
     dq_cfgs = [dict(block_n=bn, units=nu, num_warps=nw) for bn, nu, nw in
                [(64, 2, 4), (128, 2, 4), (32, 4, 4), (64, 4, 8), (128, 1, 8)]]
     res = []
@@ -320,9 +324,7 @@ def sweep(out_dir):
     for k, n in shapes:
         awq = random_awq(k, n, GS, dev, seed=1)
         p0 = PackedInt4.from_awq(*awq, GS, device=dev, dtype=torch.bfloat16)
-        ps = [p0] + [PackedInt4(p0.n, p0.k, p0.group_size, p0.kernel_group_size, p0.dtype, p0.layout,
-                                p0.qweight.clone(), p0.scales.clone(), p0.zeros.clone(), p0.locks.clone())
-                     for _ in range(n_copies(n * k // 2, l2) - 1)]
+        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
         n_units = k // 128
         for m in (1, 2):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -330,7 +332,7 @@ def sweep(out_dir):
             for cfg in gemv_cfgs:
                 tiles = p0.qweight.shape[0] // cfg["block_n"] * m
                 for waves in (1, 2, 4, 8):
-                    split = max(1, min(waves * sms // tiles, n_units // (2 * cfg["units"]), 32))
+                    split = max(1, min(waves * sms // tiles, n_units // 2, 32))
                     t, _ = gpu_time([lambda p=p: T.gemv(x, p, split=split, **cfg) for p in ps], target_s=0.01)
                     rec("gemv", k, n, m, cfg, split, t)
                     if best is None or t < best[0]:
@@ -391,8 +393,7 @@ def bench_cpu(threads):
         awq = random_awq(k, n, 64, "cpu", seed=k + n)  # SmolLM2's K=576 takes group size 64 (or 32, 192)
         p = PackedInt4.from_awq(*awq, 64, device="cpu", dtype=torch.bfloat16)
         cp = n_copies(p.qweight.numel() + p.scales.numel() * 2, l3)
-        ps = [p] + [PackedInt4(p.n, p.k, p.group_size, p.kernel_group_size, p.dtype, p.layout,
-                               p.qweight.clone(), p.scales.clone()) for _ in range(cp - 1)]
+        ps = [p] + [copy_packed(p) for _ in range(cp - 1)]
         w32 = [torch.randn(n, k) * 0.02 for _ in range(n_copies(4 * n * k, l3))]
         w16 = [w.bfloat16() for w in w32[: n_copies(2 * n * k, l3)]]
         for m in CPU_MS:

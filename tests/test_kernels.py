@@ -54,7 +54,7 @@ def test_reference_is_linear():
 @pytest.mark.parametrize("n,k,gs", SHAPES)
 def test_gpu_layout_round_trip(n, k, gs):
     qweight, qzeros, scales = awq_linear(n, k, gs)
-    qw, s, z, kgs = layout.repack_gpu(qweight, qzeros, scales, gs)
+    qw, sz, kgs = layout.repack_gpu(qweight, qzeros, scales, gs)
     np_, kp = qw.shape[0], qw.shape[1] * 8
     assert np_ % layout.N_ALIGN == 0 and kp % layout.UNIT == 0 and np_ >= n and kp >= k
     codes = packing.unpack(qweight).t()  # [N, K]
@@ -64,10 +64,11 @@ def test_gpu_layout_round_trip(n, k, gs):
     # scales/zeros per kernel group, [Gp, Np]; padding is zero
     full_gs = k if gs == -1 else gs
     rep = full_gs // kgs
+    s, z = layout.unpack_sz(sz)
     _, s_rows, z_rows = packing.unpack_linear(qweight, qzeros, scales)  # [N, G]
     assert torch.equal(s[: k // kgs, :n].float(), s_rows.repeat_interleave(rep, 1).t())
     assert torch.equal(z[: k // kgs, :n].float(), z_rows.repeat_interleave(rep, 1).t())
-    assert not s[:, n:].any() and not z[:, n:].any()
+    assert not s[:, n:].any() and not z[:, n:].any() and not s[k // kgs:].any()
 
 
 def test_gpu_layout_drawn_example():
@@ -76,7 +77,7 @@ def test_gpu_layout_drawn_example():
     qweight = packing.pack(codes.t())  # [K, N/8]
     qzeros = packing.pack(torch.zeros(1, 8, dtype=torch.int64))
     scales = torch.ones(1, 8, dtype=torch.float16)
-    qw, _, _, _ = layout.repack_gpu(qweight, qzeros, scales, 128)
+    qw, _, _ = layout.repack_gpu(qweight, qzeros, scales, 128)
     assert qw[0, 3].item() == 0x33333333
     assert [w & 0xFFFFFFFF for w in qw[0].tolist()] == [0x11111111 * s for s in range(16)]
 

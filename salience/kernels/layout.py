@@ -22,8 +22,9 @@ a kernel shifts a whole [rows, 16] tile by 4i and multiplies it with x[16i : 16i
 shuffle. A 16-code slice never straddles a group for group sizes 32, 64, 128, ...
 
     qweight int32 [Np, Kp/8]   word (n, 16u + s), nibble i  <-  code (n, 128u + 16i + s)
-    scales  fp16  [Gp, Np]     the AWQ scales, unchanged (exact), one row per group
-    zeros   uint8 [Gp, Np]     the integer zero points
+    sz      int32 [Gp, Np]     per group and row: bits 0-15 the AWQ fp16 scale (unchanged, exact),
+                               bits 16-23 the integer zero point. One 4-byte load gives both (and
+                               4-byte loads are what cp.async, Triton's pipelined loads, can move).
 
 Np = N rounded up to 128 and Kp = K rounded up to 128; padded rows and columns hold code 0, scale 0,
 zero 0, so they add exact zeros. Group sizes that are neither 32, 64 nor a multiple of 128 (say 96,
@@ -87,8 +88,8 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def repack_gpu(qweight, qzeros, scales, group_size: int):
-    """AWQ GEMM tensors -> (qweight int32 [Np, Kp/8], scales fp16 [Gp, Np], zeros uint8 [Gp, Np],
-    kernel group size). See the module docstring for the layout."""
+    """AWQ GEMM tensors -> (qweight int32 [Np, Kp/8], sz int32 [Gp, Np], kernel group size).
+    See the module docstring for the layout."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     gs = group_size_of(k, scales.shape[0], group_size)
     kgs = _kernel_group_size(gs)
@@ -100,9 +101,15 @@ def repack_gpu(qweight, qzeros, scales, group_size: int):
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=c.device)
     words = (c << shifts).sum(dim=-1)  # [Np, units, 16], < 2^32, nibbles do not overlap
     qw = _to_int32(words).reshape(np_, kp // 8).contiguous()
-    s_k = _pad(s, np_, gp).t().contiguous()  # [Gp, Np] fp16
-    z_k = _pad(z, np_, gp).t().contiguous().to(torch.uint8)  # [Gp, Np]
-    return qw, s_k, z_k, kgs
+    s_bits = _pad(s, np_, gp).view(torch.int16).to(torch.int32) & 0xFFFF  # [Np, Gp]
+    sz = (s_bits | (_pad(z, np_, gp) << 16)).t().contiguous()  # [Gp, Np]
+    return qw, sz, kgs
+
+
+def unpack_sz(sz: torch.Tensor):
+    """Inverse of the sz packing: int32 [Gp, Np] -> (scales fp16, zeros uint8), both [Gp, Np]."""
+    s = (sz & 0xFFFF).to(torch.int16).view(torch.float16)
+    return s, ((sz >> 16) & 0xFF).to(torch.uint8)
 
 
 def unpack_gpu(qw: torch.Tensor) -> torch.Tensor:

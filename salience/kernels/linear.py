@@ -26,9 +26,10 @@ class PackedInt4:
     """A 4-bit linear (N outputs, K inputs) in the layout of the device it lives on (layout.py).
 
     layout "triton" (CUDA; on CPU tensors only for the interpreter): qweight int32 [Np, Kp/8],
-        scales fp16 [Gp, Np], zeros uint8 [Gp, Np], locks int32 (split-K counters, zero between calls).
+        scales = sz int32 [Gp, Np] (fp16 scale bits | zero << 16), locks int32 (split-K counters,
+        zero between calls).
     layout "tinygemm_cpu": qweight uint8 (tinygemm's packing), scales = scales_and_zeros [K/g, Np, 2]
-        in dtype, zeros and locks None.
+        in dtype.
     """
 
     n: int
@@ -39,7 +40,6 @@ class PackedInt4:
     layout: str  # "triton" or "tinygemm_cpu": which kernels read these tensors
     qweight: torch.Tensor
     scales: torch.Tensor
-    zeros: torch.Tensor | None = None
     locks: torch.Tensor | None = None
 
     @classmethod
@@ -60,9 +60,9 @@ class PackedInt4:
     def for_triton(cls, qweight, qzeros, scales, group_size: int, dtype=torch.float16) -> "PackedInt4":
         """The Triton kernels' layout on qweight's device (CUDA; CPU tensors serve the interpreter)."""
         k, n = qweight.shape[0], qweight.shape[1] * 8
-        qw, s, z, kgs = layout.repack_gpu(qweight, qzeros, scales, group_size)
+        qw, sz, kgs = layout.repack_gpu(qweight, qzeros, scales, group_size)
         locks = torch.zeros(LOCKS, dtype=torch.int32, device=qweight.device)
-        return cls(n, k, group_size, kgs, dtype, "triton", qw, s, z, locks)
+        return cls(n, k, group_size, kgs, dtype, "triton", qw, sz, locks)
 
     @property
     def device(self) -> torch.device:

@@ -51,13 +51,22 @@ _WORDS = tl.constexpr(WORDS)  # int32 words per unit (128 codes) and row
 @triton.jit
 def _nibble_f32(words, i: tl.constexpr, one):
     """Nibble i of each int32 word as fp32 v = 1 + q/16: the 4 bits go straight into the mantissa.
-    one = 0x3F800000 (the bits of 1.0) arrives as a kernel argument: in a register, the mask and the
-    or fuse into one LOP3 (with two immediates ptxas emits two)."""
+    one: the bits of 1.0 (0x3F800000). Passed as a kernel argument it sits in a register and ptxas
+    fuses the mask and the or into one LOP3; as a literal it costs two (the GEMM takes the literal:
+    with the argument, Triton routes its dot operand through shared memory)."""
     if 4 * i <= 19:
         t = words << (19 - 4 * i)
     else:
         t = words >> (4 * i - 19)
     return ((t & 0x780000) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_zero(sz):
+    """Packed int32 (fp16 scale bits | zero << 16) -> 16*s and c = -(16 + z)*s, fp32."""
+    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    z = ((sz >> 16) & 0xFF).to(tl.float32)
+    return s * 16.0, -(z + 16.0) * s
 
 
 @triton.jit
@@ -90,89 +99,64 @@ def _epilogue(acc, rm, rn, tile, pid_k, n_split, M, N, NP, b_ptr, out_ptr, ws_pt
 
 
 @triton.jit
-def _scale_zero(s_ptr, z_ptr, g, rn, NP, mask):
-    """16*s and c = -(16 + z)*s (fp32) of groups g for rows rn; g and mask broadcast against rn."""
-    if mask is None:
-        s = tl.load(s_ptr + g * NP + rn).to(tl.float32)
-        z = tl.load(z_ptr + g * NP + rn).to(tl.float32)
-    else:
-        s = tl.load(s_ptr + g * NP + rn, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * NP + rn, mask=mask, other=0).to(tl.float32)
-    return s * 16.0, -(z + 16.0) * s
-
-
-@triton.jit
-def _below(a, b, BN: tl.constexpr):
-    """The scalar a < b as a [BN, 1] mask (Triton's CPU interpreter wants tensor masks)."""
-    return tl.zeros([BN, 1], dtype=tl.int32) + a < b
-
-
-@triton.jit
-def _gemv_unit(acc, words, x_row, s_ptr, z_ptr, u, rn, rs, K, NP, UPG, ONE,
-               SUB: tl.constexpr, MASK_K: tl.constexpr):
-    """acc [BN, 16] += this unit's products for one token: per word and group it sums
-    p = sum_i v_i x_i and xs = sum_i x_i over the group's nibbles, then adds 16s * p + c * xs."""
-    NPG: tl.constexpr = 8 // SUB  # nibbles per group
-    if SUB == 1:
-        s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, None)
-    for i in tl.static_range(8):
-        if SUB > 1:
-            if i % NPG == 0:
-                s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, None)
-        k = u * 128 + i * 16 + rs  # [16]
-        if MASK_K:
-            xi = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        else:
-            xi = tl.load(x_row + k).to(tl.float32)
-        v = _nibble_f32(words, i, ONE)  # [BN, 16]
-        if i % NPG == 0:
-            p = v * xi[None, :]
-            xs = xi
-        else:
-            p += v * xi[None, :]
-            xs += xi
-        if i % NPG == NPG - 1:
-            acc += p * s16[:, None] + xs[None, :] * c[:, None]
-    return acc
+def _below(a, b, SHAPE: tl.constexpr):
+    """The scalar a < b as a tensor mask (Triton's CPU interpreter wants tensor masks)."""
+    return tl.zeros(SHAPE, dtype=tl.int32) + a < b
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
-                 BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr,
-                 MASK_U: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                 BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr):
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
-    axis 2; meant for M = 1). NU = 1 or 2 units per step, the next step's words loaded while this one
-    computes. Every tile is [BN, 16] (rows, words of a unit) or a slice of it: no layout changes.
-    MASK_U: a step may run past u_hi (NU = 2, odd unit count); MASK_K: K is not a multiple of 128."""
+    axis 2; meant for M = 1). Tiles are [BN, 16] (rows, words of a unit) or slices of that layout, so
+    no value moves between threads until the final sum. The next unit's words (and, when a group
+    spans whole units, its scales) are loaded while this unit computes: Triton's pipeliner only
+    pipelines loads that feed a dot, and a scale load would otherwise stall every step.
+    SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32)."""
+    NPG: tl.constexpr = 8 // SUB  # nibbles per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rs = tl.arange(0, _WORDS)
     w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
-    x_row = x_ptr + m * stride_xm
+    sz_row = sz_ptr + rn  # [BN]
+    x_row = x_ptr + m * stride_xm + rs  # [16]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
 
     acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
-    wa = tl.load(w_base + u_lo * _WORDS)
-    if NU == 2:
-        wb = tl.load(w_base + (u_lo + 1) * _WORDS, mask=_below(u_lo + 1, u_hi, BN), other=0)
-    for u in range(u_lo, u_hi, NU):
-        # the next step's words are in flight while this step computes
-        na = tl.load(w_base + (u + NU) * _WORDS, mask=_below(u + NU, u_hi, BN), other=0)
-        if NU == 2:
-            nb = tl.load(w_base + (u + NU + 1) * _WORDS, mask=_below(u + NU + 1, u_hi, BN), other=0)
-        acc = _gemv_unit(acc, wa, x_row, s_ptr, z_ptr, u, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
-        if NU == 2:
-            if MASK_U:
-                if u + 1 < u_hi:
-                    acc = _gemv_unit(acc, wb, x_row, s_ptr, z_ptr, u + 1, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
+    words = tl.load(w_base + u_lo * _WORDS)
+    if SUB == 1:
+        sz = tl.load(sz_row + (u_lo // UPG) * NP)
+    for u in range(u_lo, u_hi):
+        nxt = tl.load(w_base + (u + 1) * _WORDS, mask=_below(u + 1, u_hi, [BN, 1]), other=0)
+        if SUB == 1:
+            nsz = tl.load(sz_row + ((u + 1) // UPG) * NP, mask=_below(u + 1, u_hi, [BN]), other=0)
+            s16, c = _scale_zero(sz)
+        for i in tl.static_range(8):
+            if SUB > 1:
+                if i % NPG == 0:
+                    s16, c = _scale_zero(tl.load(sz_row + (u * SUB + i // NPG) * NP))
+            if MASK_K:
+                xi = tl.load(x_row + u * 128 + i * 16, mask=u * 128 + i * 16 + rs < K, other=0.0)
             else:
-                acc = _gemv_unit(acc, wb, x_row, s_ptr, z_ptr, u + 1, rn, rs, K, NP, UPG, ONE, SUB, MASK_K)
-            wb = nb
-        wa = na
+                xi = tl.load(x_row + u * 128 + i * 16)
+            xi = xi.to(tl.float32)
+            v = _nibble_f32(words, i, ONE)  # [BN, 16]
+            if i % NPG == 0:
+                p = v * xi[None, :]
+                xs = xi
+            else:
+                p += v * xi[None, :]
+                xs += xi
+            if i % NPG == NPG - 1:
+                acc += p * s16[:, None] + xs[None, :] * c[:, None]
+        words = nxt
+        if SUB == 1:
+            sz = nsz
     out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     rm = m + tl.arange(0, 1)
     _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
@@ -180,12 +164,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
+def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
                  MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step: 8 nibble slices, each a [BN, 16] weight tile dequantized to
-    x's dtype, times x[:, 16 codes].T on the tensor cores; acc [BN, BM] fp32."""
+    x's dtype, times x[:, 16 codes].T on the tensor cores (wgmma, A from registers); acc [BN, BM].
+    Words, scales (4-byte loads) and x are all pipelined by Triton (num_stages)."""
     NPG: tl.constexpr = 8 // SUB
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -203,21 +188,21 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     for u in range(u_lo, u_hi):
         words = tl.load(w_base + u * _WORDS)  # [BN, 16] int32
         if SUB == 1:
-            s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, None)
+            s16, c = _scale_zero(tl.load(sz_ptr + (u // UPG) * NP + rn))
             s16 = s16[:, None]
             c = c[:, None]
         xk = x_base + u * 128
         for i in tl.static_range(8):
             if SUB > 1:
                 if i % NPG == 0:
-                    s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, None)
+                    s16, c = _scale_zero(tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn))
                     s16 = s16[:, None]
                     c = c[:, None]
             if MASK_K:
                 xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
             else:
                 xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
-            wi = (_nibble_f32(words, i, ONE) * s16 + c).to(xi.dtype)  # [BN, 16], exact (q - z) * s rounded
+            wi = (_nibble_f32(words, i, 0x3F800000) * s16 + c).to(xi.dtype)  # [BN, 16], exact, rounded
             if DOT_F32:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
                 acc = tl.dot(wi.to(tl.float32), tl.trans(xi.to(tl.float32)), acc)
             else:
@@ -228,7 +213,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "K", "UPG", "n_units", "ONE"])
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
+def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
     """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
     NPG: tl.constexpr = 8 // SUB
@@ -239,16 +224,16 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ON
     n_ok = rn[:, None] < N
     for r in tl.static_range(NU):
         u = pid_u * NU + r
-        u_ok = rn * 0 + u < n_units  # [BN], all equal
+        u_ok = _below(u, n_units, [BN])
         words = tl.load(w_ptr + rn[:, None] * KW + u * _WORDS + rs[None, :], mask=u_ok[:, None], other=0)
         if SUB == 1:
-            s16, c = _scale_zero(s_ptr, z_ptr, u // UPG, rn, NP, u_ok)
+            s16, c = _scale_zero(tl.load(sz_ptr + (u // UPG) * NP + rn, mask=u_ok, other=0))
             s16 = s16[:, None]
             c = c[:, None]
         for i in tl.static_range(8):
             if SUB > 1:
                 if i % NPG == 0:
-                    s16, c = _scale_zero(s_ptr, z_ptr, u * SUB + i // NPG, rn, NP, u_ok)
+                    s16, c = _scale_zero(tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn, mask=u_ok, other=0))
                     s16 = s16[:, None]
                     c = c[:, None]
             k = u * 128 + i * 16 + rs  # [16]
@@ -284,7 +269,8 @@ def _geometry(p):
 
 
 def _split(tiles: int, n_units: int, step: int, sms: int, split):
-    """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty."""
+    """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty.
+    Block sizes must divide Np (a multiple of 128)."""
     if split is None:
         split = max(1, min(SPLIT_WAVES * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
     if tiles > LOCKS:  # one counter per tile
@@ -298,23 +284,23 @@ def _launch_args(x2, p, bias, out, n_split, m_rows):
     np_ = p.qweight.shape[0]
     ws = torch.empty(n_split, m_rows, np_, device=x2.device, dtype=torch.float32) if n_split > 1 else out
     b = bias if bias is not None else out
-    return (x2, p.qweight, p.scales, p.zeros, b, out, ws, p.locks)
+    return (x2, p.qweight, p.scales, b, out, ws, p.locks)
 
 
-def gemv(x2, p, bias=None, *, block_n=128, units=2, split=None, num_warps=4, num_stages=1):
+def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works)."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
     n_units = kw // WORDS
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
-    n_split, ups = _split(tiles * m, n_units, units, _n_sms(x2), split)
+    n_split, ups = _split(tiles * m, n_units, 1, _n_sms(x2), split)
     sub, upg = _geometry(p)
     _gemv_kernel[(tiles, n_split, m)](
         *_launch_args(x2, p, bias, out, n_split, m),
         m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
-        BN=block_n, NU=units, SUB=sub, MASK_U=(n_units % units != 0), MASK_K=(k % UNIT != 0),
-        HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
+        BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None, SPLIT=n_split > 1,
+        num_warps=num_warps, num_stages=1)
     return out
 
 
@@ -322,7 +308,7 @@ def _gemm_block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4, num_stages=4):
+def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4, num_stages=3):
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
@@ -334,10 +320,9 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m),
-        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
-        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0),
-        HAS_BIAS=bias is not None, DOT_F32=_interpreted(),
-        SPLIT=n_split > 1, num_warps=num_warps, num_stages=num_stages)
+        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
+        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
+        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -348,7 +333,7 @@ def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
     out = torch.empty(p.n, p.k, device=p.qweight.device, dtype=dtype)
     sub, upg = _geometry(p)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(n_units, units))
-    _dequant_kernel[grid](p.qweight, p.scales, p.zeros, out, p.n, p.k, np_, kw, upg, n_units, ONE,
+    _dequant_kernel[grid](p.qweight, p.scales, out, p.n, p.k, np_, kw, upg, n_units, ONE,
                           BN=block_n, NU=units, SUB=sub, num_warps=num_warps)
     return out
 
