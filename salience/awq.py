@@ -30,7 +30,10 @@ class SearchConfig:
     """Settings of the scale and clip searches; the defaults reproduce the reference algorithm."""
 
     n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
-    duo: bool = False  # divide by w_mean^(1-a) (AutoAWQ) instead of the x-only formula (llm-awq)
+    alpha_one: bool = False  # also try alpha = 1 (the reference grid stops at (n_grid-1)/n_grid)
+    # "x": s = x_mean^a (llm-awq); "duo": s = x_mean^a / w_mean^(1-a) (AutoAWQ); "both": search both
+    formula: str = "x"
+    clip_asym: bool = False  # shrink min and max separately (the quantizer is asymmetric)
     clip_grid: int = 20  # shrink steps of 1/clip_grid ...
     clip_max_shrink: float = 0.5  # ... down to (1 - clip_max_shrink) of the range
     # "output": error of the inspected module's output (reference), measured on `search_tokens` tokens;
@@ -39,6 +42,8 @@ class SearchConfig:
     search_tokens: int = 8192
 
     def __post_init__(self):
+        if self.formula not in ("x", "duo", "both"):
+            raise ValueError(f"formula must be 'x', 'duo' or 'both', got {self.formula!r}")
         if self.loss not in ("output", "gram"):
             raise ValueError(f"loss must be 'output' or 'gram', got {self.loss!r}")
         if self.n_grid < 1 or self.search_tokens < 1:
@@ -68,19 +73,25 @@ def scale_from_alpha(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return s / (s.max() * s.min()).sqrt()
 
 
+def candidates(scfg: SearchConfig) -> list[tuple[str, float]]:
+    """(formula, alpha) pairs of the grid."""
+    alphas = [i / scfg.n_grid for i in range(scfg.n_grid)] + ([1.0] if scfg.alpha_one else [])
+    formulas = ("x", "duo") if scfg.formula == "both" else (scfg.formula,)
+    return [(f, a) for f in formulas for a in alphas]
+
+
 def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], float],
-                 n_grid: int = 20):
-    """Grid search over alpha. loss_fn(s) -> output error with the group's linears at Q(W*s)/s.
-    Returns (best s [K], best alpha, losses [n_grid])."""
+                 grid: Sequence[tuple[str, float]] = tuple(("x", i / 20) for i in range(20))):
+    """Grid search over (formula, alpha). loss_fn(s) -> output error with the group's linears at Q(W*s)/s.
+    w_mean is needed only for "duo" candidates. Returns (best s [K], best (formula, alpha), losses)."""
     losses = []
     best = (float("inf"), None, None)
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = scale_from_alpha(x_mean, w_mean, alpha)
+    for formula, alpha in grid:
+        s = scale_from_alpha(x_mean, w_mean if formula == "duo" else None, alpha)
         loss = float(loss_fn(s))
         losses.append(loss)
         if loss < best[0]:
-            best = (loss, s, alpha)
+            best = (loss, s, (formula, alpha))
     if best[1] is None:  # every loss was NaN
         raise FloatingPointError("scale search: the loss is NaN for every alpha")
     return best[1], best[2], torch.tensor(losses)
@@ -105,9 +116,11 @@ def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: int = 20,
-                max_shrink: float = 0.5, row_chunk: int = 1024):
-    """Per (row, group) symmetric range shrink (reference). w [N, K] (already scaled), g = X^T X [K, K]
-    of the linear's (scaled) input. Returns clip_min, clip_max [N, G] for compute_qparams."""
+                max_shrink: float = 0.5, row_chunk: int = 1024, asym: bool = False):
+    """Per (row, group) range shrink. w [N, K] (already scaled), g = X^T X [K, K] of the linear's (scaled)
+    input. Symmetric (reference): [max(wmin, -m), min(wmax, m)], m = max|w| (1 - i/clip_grid).
+    asym: [wmin (1 - i/clip_grid), wmax (1 - j/clip_grid)] over all (i, j).
+    Returns clip_min, clip_max [N, G] for compute_qparams."""
     n, k = w.shape
     ng = cfg.groups(k)
     gs = k // ng
@@ -121,9 +134,12 @@ def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: i
         absmax = torch.maximum(-wmin, wmax)
         best = torch.full_like(wmin, float("inf"))
         bmin, bmax = wmin.clone(), wmax.clone()
-        for i in range(int(clip_grid * max_shrink)):
-            mv = absmax * (1 - i / clip_grid)
-            lo, hi = torch.maximum(wmin, -mv), torch.minimum(wmax, mv)
+        steps = [1 - i / clip_grid for i in range(int(clip_grid * max_shrink))]
+        if asym:
+            ranges = [(wmin * a, wmax * b) for a in steps for b in steps]
+        else:
+            ranges = [(torch.maximum(wmin, -absmax * a), torch.minimum(wmax, absmax * a)) for a in steps]
+        for lo, hi in ranges:
             wq = fake_quantize_grouped(torch.minimum(torch.maximum(wg, lo[..., None]), hi[..., None]),
                                        cfg.qmax, lo, hi)
             dw = wq - wg

@@ -23,7 +23,10 @@ def _add_calib_args(p):
     p.add_argument("--calib-rows", type=int, default=128, help="calibration rows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration row / eval window")
     p.add_argument("--n-grid", type=int, default=20, help="alpha grid points of the scale search")
-    p.add_argument("--duo", action="store_true", help="scale formula x_mean^a / w_mean^(1-a) (AutoAWQ)")
+    p.add_argument("--formula", choices=["x", "duo", "both"], default="x",
+                   help="scale formula: x_mean^a (llm-awq), x_mean^a / w_mean^(1-a) (AutoAWQ), or search both")
+    p.add_argument("--alpha-one", action="store_true", help="also try alpha = 1")
+    p.add_argument("--clip-asym", action="store_true", help="shrink the min and max of the range separately")
     p.add_argument("--loss", choices=["output", "gram"], default="gram",
                    help="scale-search loss: the inspected module's output error (reference; attention and "
                    "MLP measured on --search-tokens tokens) or the group's linear-output error over all "
@@ -53,8 +56,8 @@ def _windows(v):
 
 def _search_config(a):
     from .awq import SearchConfig
-    return SearchConfig(n_grid=a.n_grid, duo=a.duo, loss=a.loss, search_tokens=a.search_tokens,
-                        clip_grid=0 if a.no_clip else 20)
+    return SearchConfig(n_grid=a.n_grid, alpha_one=a.alpha_one, formula=a.formula, clip_asym=a.clip_asym,
+                        loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20)
 
 
 def _default_out(model, bits, gs, method):

@@ -224,7 +224,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                 in_scale[n] = s
             key = f"{g.prev}->{'+'.join(g.linears)}"
             search[f"scale.{key}"] = s.cpu()
-            report["groups"][key] = {"alpha": alpha, "loss": float(losses.min()), "loss_alpha0": float(losses[0])}
+            report["groups"][key] = {"formula": alpha[0], "alpha": alpha[1], "loss": float(losses.min()),
+                                     "loss_alpha0": float(losses[0])}
 
     linears: dict[str, LinearResult] = {}
     for name, lin in lins.items():
@@ -235,7 +236,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             if name in in_scale:
                 s = in_scale[name]
                 g = g / (s[:, None] * s[None, :])  # Gram of the scaled input X / s
-            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink)
+            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink,
+                                                 asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         scales, zeros = compute_qparams(w, qcfg, clip_min, clip_max)
         scales = scales.half().float()  # the checkpoint stores fp16 scales: quantize with exactly those
@@ -250,7 +252,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, scfg):
     lins = [get_module(block, n) for n in g.linears]
     x_mean = stats.x_mean(g.linears[0])
-    w_mean = awq.weight_mean([lin.weight for lin in lins], qcfg) if scfg.duo else None
+    w_mean = awq.weight_mean([lin.weight for lin in lins], qcfg) if scfg.formula != "x" else None
     orig = [lin.weight.clone() for lin in lins]
 
     if g.inspect in g.linears or scfg.loss == "gram":
@@ -273,7 +275,7 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
             return err
 
     try:
-        s, alpha, losses = awq.search_scale(x_mean, w_mean, loss_fn, scfg.n_grid)
+        s, alpha, losses = awq.search_scale(x_mean, w_mean, loss_fn, awq.candidates(scfg))
     finally:
         for lin, w in zip(lins, orig):
             lin.weight.copy_(w)

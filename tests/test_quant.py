@@ -94,22 +94,32 @@ def test_awq_beats_rtn_with_outlier_channels():
     y = x @ w.t()
     rtn = ((x @ fake_quantize(w, cfg).t() - y) ** 2).mean()
     g = awq.gram(x)
-    s, alpha, losses = awq.search_scale(awq.activation_mean(x), None,
-                                        lambda s: awq.gram_loss(awq.scaled_fake_quant(w, s, cfg) - w, g))
+    s, (formula, alpha), losses = awq.search_scale(
+        awq.activation_mean(x), None, lambda s: awq.gram_loss(awq.scaled_fake_quant(w, s, cfg) - w, g))
     q = awq.scaled_fake_quant(w, s, cfg)
     err = ((x @ q.t() - y) ** 2).mean()
-    assert alpha > 0 and err < 0.7 * rtn
+    assert formula == "x" and alpha > 0 and err < 0.7 * rtn
     # the Gram form is the output error summed over tokens
     assert torch.allclose(awq.gram_loss(q - w, g), ((x @ (q - w).t()) ** 2).sum(), rtol=1e-3)
 
 
-def test_clip_search_never_worse_than_no_clip():
+@pytest.mark.parametrize("asym", [False, True])
+def test_clip_search_never_worse_than_no_clip(asym):
     x, w = _outlier_layer(1)
     cfg = QuantConfig(4, 64)
     g = awq.gram(x)
-    cmin, cmax = awq.search_clip(w, g, cfg)
+    cmin, cmax = awq.search_clip(w, g, cfg, asym=asym)
     clipped = fake_quantize(w, cfg, cmin, cmax)
     assert awq.gram_loss(clipped - w, g) <= awq.gram_loss(fake_quantize(w, cfg) - w, g) * 1.0001
+    assert (cmin >= w.reshape(64, -1, 64).amin(-1) - 1e-6).all()
+
+
+def test_scale_grid_candidates():
+    assert awq.candidates(awq.SearchConfig()) == [("x", i / 20) for i in range(20)]
+    both = awq.candidates(awq.SearchConfig(n_grid=4, formula="both", alpha_one=True))
+    assert both == [(f, a) for f in ("x", "duo") for a in (0, 0.25, 0.5, 0.75, 1.0)]
+    with pytest.raises(ValueError):
+        awq.SearchConfig(formula="nope")
 
 
 def test_autoawq_reader_reconstructs_our_weights():
