@@ -309,11 +309,11 @@ def sweep(out_dir):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(4096, 12288), (4096, 4096), (11008, 4096)]
-    gemv_cfgs = [dict(block_n=bn, num_warps=nw) for bn, nw in [(128, 4), (64, 2), (64, 4), (128, 8), (32, 2), (128, 2)]]
+    gemv_cfgs = [dict(block_n=bn, num_warps=nw) for bn, nw in [(128, 4), (64, 2), (64, 4), (128, 8)]]
     gemm_cfgs = [dict(block_n=bn, num_warps=nw, num_stages=ns) for bn, nw, ns in
-                 [(64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (64, 4, 5), (64, 2, 4), (128, 4, 2)]]
+                 [(128, 4, 3), (128, 4, 4), (128, 4, 5), (64, 4, 4), (64, 2, 4), (64, 4, 6), (128, 8, 4)]]
     dq_cfgs = [dict(block_n=bn, units=nu, num_warps=nw) for bn, nu, nw in
-               [(64, 2, 4), (128, 2, 4), (32, 4, 4), (64, 4, 8), (128, 1, 8)]]
+               [(64, 2, 4), (128, 1, 8)]]
     res = []
 
     def rec(kind, k, n, m, cfg, split, t):
@@ -326,12 +326,12 @@ def sweep(out_dir):
         p0 = PackedInt4.from_awq(*awq, GS, device=dev, dtype=torch.bfloat16)
         ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
         n_units = k // 128
-        for m in (1, 2):
+        for m in (1,):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             best = None
             for cfg in gemv_cfgs:
                 tiles = p0.qweight.shape[0] // cfg["block_n"] * m
-                for waves in (1, 2, 4, 8):
+                for waves in (2, 4, 8):
                     split = max(1, min(waves * sms // tiles, n_units // 2, 32))
                     t, _ = gpu_time([lambda p=p: T.gemv(x, p, split=split, **cfg) for p in ps], target_s=0.01)
                     rec("gemv", k, n, m, cfg, split, t)
@@ -339,7 +339,7 @@ def sweep(out_dir):
                         best = (t, cfg, split)
             print(f"gemv K={k} N={n} M={m}: best {best[0] * 1e6:.1f} us "
                   f"{int4_bytes(n, k, m) / best[0] / 1e12:.2f} TB/s {best[1]} split={best[2]}", flush=True)
-        for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+        for m in (1, 4, 16, 32, 64, 128, 256, 512):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             best = None
             for cfg in gemm_cfgs:
@@ -348,7 +348,7 @@ def sweep(out_dir):
                     rec("gemm", k, n, m, cfg, split, t)
                     if best is None or t < best[0]:
                         best = (t, cfg, split)
-            if m >= 128:
+            if m >= 256:
                 for cfg in dq_cfgs:
                     t, _ = gpu_time([lambda p=p: F.linear(x, T.dequantize(p, x.dtype, **cfg)) for p in ps],
                                     target_s=0.01)

@@ -43,7 +43,7 @@ SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
 # (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
-_RUNTIME_INTS = ["M", "N", "K", "UPG", "n_units", "units_per_split", "ONE"]
+_RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE"]  # UPG == 1 is worth a variant
 ONE = 0x3F800000  # the bits of 1.0f
 _WORDS = tl.constexpr(WORDS)  # int32 words per unit (128 codes) and row
 
@@ -163,15 +163,31 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
               b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
+    """Nibble i of each word as the 16-bit float B + q (exact): bf16 0x4300 | q = 128 + q,
+    fp16 0x6400 | q = 1024 + q. Two integer ops per code, no float math."""
+    if dtype == tl.bfloat16:
+        t = ((words >> (4 * i)) & 0xF) | 0x4300
+    else:
+        t = ((words >> (4 * i)) & 0xF) | 0x6400
+    return t.to(tl.int16).to(dtype, bitcast=True)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
                  MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """One unit (128 codes of K) per step: 8 nibble slices, each a [BN, 16] weight tile dequantized to
-    x's dtype, times x[:, 16 codes].T on the tensor cores (wgmma, A from registers); acc [BN, BM].
-    Words, scales (4-byte loads) and x are all pipelined by Triton (num_stages)."""
-    NPG: tl.constexpr = 8 // SUB
+    """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16]. The tensor cores multiply the
+    codes themselves, as the exact 16-bit floats B + q (B = 128 for bf16, 1024 for fp16; two integer
+    ops per code), by x[:, 16 codes].T (wgmma, A from registers); per group g and token m
+
+        sum_k (q - z) s x  =  s * part - (B + z) s * X,   part = sum_k (B + q) x,  X = sum_k x
+
+    in fp32, once per group rather than once per code. acc is [BN, BM]. Words, scales (4-byte loads)
+    and x are pipelined by Triton (num_stages)."""
+    NPG: tl.constexpr = 8 // SUB  # nibble slices per group
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -183,36 +199,45 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     m_ok = rm[:, None] < M
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    B: tl.constexpr = 128.0 if dt == tl.bfloat16 else 1024.0
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for u in range(u_lo, u_hi):
         words = tl.load(w_base + u * _WORDS)  # [BN, 16] int32
-        if SUB == 1:
-            s16, c = _scale_zero(tl.load(sz_ptr + (u // UPG) * NP + rn))
-            s16 = s16[:, None]
-            c = c[:, None]
         xk = x_base + u * 128
         for i in tl.static_range(8):
-            if SUB > 1:
-                if i % NPG == 0:
-                    s16, c = _scale_zero(tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn))
-                    s16 = s16[:, None]
-                    c = c[:, None]
+            if i % NPG == 0:
+                sz = tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn) if SUB > 1 else \
+                    tl.load(sz_ptr + (u // UPG) * NP + rn)
             if MASK_K:
                 xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
             else:
                 xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
-            wi = (_nibble_f32(words, i, 0x3F800000) * s16 + c).to(xi.dtype)  # [BN, 16], exact, rounded
-            if DOT_F32:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
-                acc = tl.dot(wi.to(tl.float32), tl.trans(xi.to(tl.float32)), acc)
+            wi = _codes_as(words, i, dt)  # [BN, 16]
+            if DOT_F32:  # Triton's CPU interpreter multiplies 16-bit float bit patterns as integers
+                wi = wi.to(tl.float32)
+                xd = xi.to(tl.float32)
             else:
-                acc = tl.dot(wi, tl.trans(xi), acc)  # [BN, BM]
+                xd = xi
+            xf = xi.to(tl.float32)
+            if i % NPG == 0:
+                part = tl.dot(wi, tl.trans(xd))  # [BN, BM]
+                xs = xf
+            else:
+                part = tl.dot(wi, tl.trans(xd), part)
+                xs += xf
+            if i % NPG == NPG - 1:
+                s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                z = ((sz >> 16) & 0xFF).to(tl.float32)
+                X = tl.sum(xs, axis=1)  # [BM]
+                acc += part * s[:, None] - ((z + B) * s)[:, None] * X[None, :]
     tile = pid_m * tl.num_programs(0) + pid_n
     _epilogue(tl.trans(acc), rm, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, ws_ptr,
               lock_ptr, stride_om, HAS_BIAS, SPLIT)
 
 
-@triton.jit(do_not_specialize=["N", "K", "UPG", "n_units", "ONE"])
+@triton.jit(do_not_specialize=["N", "K", "n_units", "ONE"])
 def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
     """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
