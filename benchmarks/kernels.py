@@ -168,7 +168,7 @@ def machine_gpu():
             "python": platform.python_version()}
 
 
-def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=None):
+def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=90.0, deadline_s=None, save=None):
     dev = "cuda"
     info = machine_gpu()
     l2 = info["l2_mb"] * 2**20
@@ -226,6 +226,9 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
                 print(fmt_gpu_row(r), flush=True)
             del ours, w16, wh, tg, tgs, gl, p0, awq
             torch.cuda.empty_cache()
+            if save:  # results so far, in case the run is cut short
+                save({"machine": info, "group_size": GS, "dtype": "bfloat16", "rows": rows,
+                      "gemlite_note": gemlite_note})
     return {"machine": info, "group_size": GS, "dtype": "bfloat16", "rows": rows, "gemlite_note": gemlite_note}
 
 
@@ -470,7 +473,8 @@ def main():
         models = {"Llama-2-7B": GPU_MODELS["Llama-2-7B"][:4]}
         ms = [1, 4, 16, 64, 512]
     print(GPU_HEADER, flush=True)
-    res = bench_gpu(models, ms, with_gemlite=not a.no_gemlite, deadline_s=a.deadline)
+    res = bench_gpu(models, ms, with_gemlite=not a.no_gemlite, deadline_s=a.deadline,
+                    save=lambda r: write_gpu(r, a.stem, a.out))
     write_gpu(res, a.stem, a.out)
     print()
     print(GPU_HEADER)

@@ -177,16 +177,20 @@ def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
-                 BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr,
                  MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16]. The tensor cores multiply the
-    codes themselves, as the exact 16-bit floats B + q (B = 128 for bf16, 1024 for fp16; two integer
-    ops per code), by x[:, 16 codes].T (wgmma, A from registers); per group g and token m
+    """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16], times x[:, 16 codes].T on the
+    tensor cores (wgmma, A from registers); acc is [BN, BM]. Words, scales (4-byte loads) and x are
+    pipelined by Triton (num_stages). Two ways to apply scales and zeros:
+
+    PER_GROUP (small BM): the tensor cores multiply the codes themselves, as the exact 16-bit floats
+    B + q (B = 128 for bf16, 1024 for fp16; two integer ops per code), and per group and token
 
         sum_k (q - z) s x  =  s * part - (B + z) s * X,   part = sum_k (B + q) x,  X = sum_k x
 
-    in fp32, once per group rather than once per code. acc is [BN, BM]. Words, scales (4-byte loads)
-    and x are pipelined by Triton (num_stages)."""
+    in fp32, once per group rather than once per code ([BN, BM] work per group: cheap while BM is).
+    Otherwise each code is dequantized, (q - z) * s = fma(v, 16s, c) rounded to x's dtype (exactly the
+    spec's weight), and the dots accumulate straight into acc."""
     NPG: tl.constexpr = 8 // SUB  # nibble slices per group
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -210,28 +214,38 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
             if i % NPG == 0:
                 sz = tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn) if SUB > 1 else \
                     tl.load(sz_ptr + (u // UPG) * NP + rn)
+                if not PER_GROUP:
+                    s16, c = _scale_zero(sz)
+                    s16 = s16[:, None]
+                    c = c[:, None]
             if MASK_K:
                 xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
             else:
                 xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
-            wi = _codes_as(words, i, dt)  # [BN, 16]
+            if PER_GROUP:
+                wi = _codes_as(words, i, dt)  # [BN, 16]
+            else:
+                wi = (_nibble_f32(words, i, 0x3F800000) * s16 + c).to(dt)  # exact, rounded once
             if DOT_F32:  # Triton's CPU interpreter multiplies 16-bit float bit patterns as integers
                 wi = wi.to(tl.float32)
                 xd = xi.to(tl.float32)
             else:
                 xd = xi
-            xf = xi.to(tl.float32)
-            if i % NPG == 0:
-                part = tl.dot(wi, tl.trans(xd))  # [BN, BM]
-                xs = xf
+            if PER_GROUP:
+                xf = xi.to(tl.float32)
+                if i % NPG == 0:
+                    part = tl.dot(wi, tl.trans(xd))  # [BN, BM]
+                    xs = xf
+                else:
+                    part = tl.dot(wi, tl.trans(xd), part)
+                    xs += xf
+                if i % NPG == NPG - 1:
+                    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    z = ((sz >> 16) & 0xFF).to(tl.float32)
+                    X = tl.sum(xs, axis=1)  # [BM]
+                    acc += part * s[:, None] - ((z + B) * s)[:, None] * X[None, :]
             else:
-                part = tl.dot(wi, tl.trans(xd), part)
-                xs += xf
-            if i % NPG == NPG - 1:
-                s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                z = ((sz >> 16) & 0xFF).to(tl.float32)
-                X = tl.sum(xs, axis=1)  # [BM]
-                acc += part * s[:, None] - ((z + B) * s)[:, None] * X[None, :]
+                acc = tl.dot(wi, tl.trans(xd), acc)
     tile = pid_m * tl.num_programs(0) + pid_n
     _epilogue(tl.trans(acc), rm, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, ws_ptr,
               lock_ptr, stride_om, HAS_BIAS, SPLIT)
@@ -329,25 +343,32 @@ def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4):
     return out
 
 
-def _gemm_block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+def _gemm_config(m: int, np_: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the H100 sweep (benchmarks/kernels.py --sweep)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if (np_ <= 4096 and m > 8) else 128
+    return bm, bn, 4, (4 if bn == 64 else 3)
 
 
-def gemm(x2, p, bias=None, *, block_m=None, block_n=128, split=None, num_warps=4, num_stages=3):
+def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
+         per_group=None):
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
     n_units = kw // WORDS
-    bm = block_m or _gemm_block_m(m)
+    bm, bn, nw, ns = _gemm_config(m, np_)
+    bm, bn = block_m or bm, block_n or bn
+    nw, ns = num_warps or nw, num_stages or ns
+    per_group = bm <= 16 if per_group is None else per_group
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
-    tn, tm = np_ // block_n, triton.cdiv(m, bm)
+    tn, tm = np_ // bn, triton.cdiv(m, bm)
     n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split)
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m),
         m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
-        BM=bm, BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
-        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=num_warps, num_stages=num_stages)
+        BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
+        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns)
     return out
 
 
