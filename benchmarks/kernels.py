@@ -448,6 +448,21 @@ def write_cpu(res, out_dir=RESULTS):
     (out_dir / "kernels_cpu.md").write_text("\n".join(lines) + "\n")
 
 
+def run_one(spec):
+    """Run one case a few times, untimed (to look at it under a profiler): 'kernel:K:N:M', kernel one
+    of gemv, gemm, linear (the dispatcher)."""
+    from salience.kernels import triton_int4 as T
+
+    kind, k, n, m = spec.split(":")
+    k, n, m = int(k), int(n), int(m)
+    p = PackedInt4.from_awq(*random_awq(k, n, GS, "cuda"), GS, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    f = {"gemv": T.gemv, "gemm": T.gemm, "linear": int4_linear}[kind]
+    for _ in range(3):
+        f(x, p)
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="the CPU benchmark (SmolLM2 shapes)")
@@ -458,7 +473,11 @@ def main():
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
     ap.add_argument("--deadline", type=float, default=None, help="GPU: stop starting new shapes after s")
+    ap.add_argument("--one", default=None, help="GPU: run one case untimed, kernel:K:N:M (for ncu)")
     a = ap.parse_args()
+    if a.one:
+        run_one(a.one)
+        return
     if a.cpu:
         res = bench_cpu(a.threads)
         write_cpu(res, a.out)
