@@ -1,7 +1,6 @@
 """The quantizer, the packing layout, and the AWQ search math, on small exact cases."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

@@ -38,7 +38,7 @@ def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
     m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()  # buffers keep their dtype
     # Random init leaves norms at 1 (or 0 for 1+w norms): perturb them so that folding is really tested.
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return m
