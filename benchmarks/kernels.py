@@ -366,6 +366,33 @@ def sweep(out_dir):
     (out_dir / "kernels_sweep.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res}, indent=0))
 
 
+def sweep_regs(out_dir):
+    """Register caps (maxnreg) for the small-M kernels: more resident warps against spills."""
+    from salience.kernels import triton_int4 as T
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    res = []
+    for k, n in [(4096, 12288), (4096, 4096), (11008, 4096), (4096, 22016)]:
+        awq = random_awq(k, n, GS, "cuda", seed=1)
+        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cases = [("gemm", dict(maxnreg=r)) for r in (None, 96, 80)]
+            if m == 1:
+                cases += [("gemv", dict(maxnreg=r, block_n=bn, num_warps=nw))
+                          for r in (None, 96, 80) for bn, nw in ((128, 4), (64, 2))]
+            for kind, cfg in cases:
+                f = T.gemv if kind == "gemv" else T.gemm
+                t, _ = gpu_time([lambda p=p: f(x, p, **cfg) for p in ps], target_s=0.01)
+                res.append({"kind": kind, "k": k, "n": n, "m": m, "cfg": cfg, "us": t * 1e6})
+                print(f"{kind} K={k} N={n} M={m} {cfg}: {t * 1e6:.1f} us "
+                      f"{int4_bytes(n, k, m) / t / 1e12:.2f} TB/s", flush=True)
+        del ps, p0, awq
+        torch.cuda.empty_cache()
+    (out_dir / "kernels_sweep_regs.json").write_text(json.dumps(res, indent=0))
+
+
 # --------------------------------------------------------------------------------------------- CPU
 
 
@@ -469,6 +496,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1: steadier on a shared box)")
     ap.add_argument("--quick", action="store_true", help="GPU: a few shapes and Ms")
     ap.add_argument("--sweep", action="store_true", help="GPU: block-size sweep of each kernel")
+    ap.add_argument("--sweep-regs", action="store_true", help="GPU: register caps for the small-M kernels")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -486,6 +514,9 @@ def main():
         sys.exit("no CUDA device: use --cpu")
     if a.sweep:
         sweep(a.out)
+        return
+    if a.sweep_regs:
+        sweep_regs(a.out)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

@@ -326,7 +326,12 @@ def _launch_args(x2, p, bias, out, n_split, m_rows):
     return (x2, p.qweight, p.scales, b, out, ws, p.locks)
 
 
-def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4):
+def _reg_cap(maxnreg):
+    """Launch option capping registers per thread (more resident warps; may spill)."""
+    return {} if maxnreg is None else {"maxnreg": maxnreg}
+
+
+def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4, maxnreg=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works)."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
@@ -339,7 +344,7 @@ def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4):
         *_launch_args(x2, p, bias, out, n_split, m),
         m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
         BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None, SPLIT=n_split > 1,
-        num_warps=num_warps, num_stages=1)
+        num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
     return out
 
 
@@ -351,7 +356,7 @@ def _gemm_config(m: int, np_: int):
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
-         per_group=None):
+         per_group=None, maxnreg=None):
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
@@ -368,7 +373,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
         *_launch_args(x2, p, bias, out, n_split, m),
         m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
         BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
-        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns)
+        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
     return out
 
 
