@@ -104,6 +104,60 @@ def _below(a, b, SHAPE: tl.constexpr):
     return tl.zeros(SHAPE, dtype=tl.int32) + a < b
 
 
+@triton.jit
+def _x_unit(x_row, u, ok, K, MASK_K: tl.constexpr):
+    """x of one unit as 8 vectors of 16 (nibble i: k = 128u + 16i + 0..15), masked by ok [16]."""
+    base = x_row + u * 128
+    r = tl.arange(0, _WORDS)
+    if MASK_K:
+        ok = ok & (u * 128 + r < K)
+    x0 = tl.load(base, mask=ok, other=0.0)
+    if MASK_K:
+        ok1 = ok & (u * 128 + 16 + r < K)
+        ok2 = ok & (u * 128 + 32 + r < K)
+        ok3 = ok & (u * 128 + 48 + r < K)
+        ok4 = ok & (u * 128 + 64 + r < K)
+        ok5 = ok & (u * 128 + 80 + r < K)
+        ok6 = ok & (u * 128 + 96 + r < K)
+        ok7 = ok & (u * 128 + 112 + r < K)
+    else:
+        ok1 = ok
+        ok2 = ok
+        ok3 = ok
+        ok4 = ok
+        ok5 = ok
+        ok6 = ok
+        ok7 = ok
+    x1 = tl.load(base + 16, mask=ok1, other=0.0)
+    x2 = tl.load(base + 32, mask=ok2, other=0.0)
+    x3 = tl.load(base + 48, mask=ok3, other=0.0)
+    x4 = tl.load(base + 64, mask=ok4, other=0.0)
+    x5 = tl.load(base + 80, mask=ok5, other=0.0)
+    x6 = tl.load(base + 96, mask=ok6, other=0.0)
+    x7 = tl.load(base + 112, mask=ok7, other=0.0)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    if i == 0:
+        return a0
+    elif i == 1:
+        return a1
+    elif i == 2:
+        return a2
+    elif i == 3:
+        return a3
+    elif i == 4:
+        return a4
+    elif i == 5:
+        return a5
+    elif i == 6:
+        return a6
+    else:
+        return a7
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
@@ -111,10 +165,10 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  SPLIT: tl.constexpr):
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
     axis 2; meant for M = 1). Tiles are [BN, 16] (rows, words of a unit) or slices of that layout, so
-    no value moves between threads until the final sum. The next unit's words (and, when a group
-    spans whole units, its scales) are loaded while this unit computes: Triton's pipeliner only
-    pipelines loads that feed a dot, and a scale load would otherwise stall every step.
-    SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32)."""
+    no value moves between threads until the final sum. Everything the next unit needs (its words,
+    x, and, when a group spans whole units, its scales) is loaded while this unit computes: Triton's
+    pipeliner only pipelines loads that feed a dot, and each of these loads would otherwise stall
+    every step. SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32)."""
     NPG: tl.constexpr = 8 // SUB  # nibbles per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -129,10 +183,12 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
     acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
     words = tl.load(w_base + u_lo * _WORDS)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_unit(x_row, u_lo, rs >= 0, K, MASK_K)
     if SUB == 1:
         sz = tl.load(sz_row + (u_lo // UPG) * NP)
     for u in range(u_lo, u_hi):
         nxt = tl.load(w_base + (u + 1) * _WORDS, mask=_below(u + 1, u_hi, [BN, 1]), other=0)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _x_unit(x_row, u + 1, _below(u + 1, u_hi, [_WORDS]), K, MASK_K)
         if SUB == 1:
             nsz = tl.load(sz_row + ((u + 1) // UPG) * NP, mask=_below(u + 1, u_hi, [BN]), other=0)
             s16, c = _scale_zero(sz)
@@ -140,11 +196,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
             if SUB > 1:
                 if i % NPG == 0:
                     s16, c = _scale_zero(tl.load(sz_row + (u * SUB + i // NPG) * NP))
-            if MASK_K:
-                xi = tl.load(x_row + u * 128 + i * 16, mask=u * 128 + i * 16 + rs < K, other=0.0)
-            else:
-                xi = tl.load(x_row + u * 128 + i * 16)
-            xi = xi.to(tl.float32)
+            xi = _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)
             v = _nibble_f32(words, i, ONE)  # [BN, 16]
             if i % NPG == 0:
                 p = v * xi[None, :]
@@ -155,6 +207,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
             if i % NPG == NPG - 1:
                 acc += p * s16[:, None] + xs[None, :] * c[:, None]
         words = nxt
+        x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
         if SUB == 1:
             sz = nsz
     out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
