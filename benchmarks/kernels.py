@@ -168,7 +168,7 @@ def machine_gpu():
             "python": platform.python_version()}
 
 
-def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=90.0, deadline_s=None, save=None):
+def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=None, save=None):
     dev = "cuda"
     info = machine_gpu()
     l2 = info["l2_mb"] * 2**20
