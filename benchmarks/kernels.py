@@ -153,7 +153,8 @@ def gemlite_linear(qweight, qzeros, scales, gs, dtype):
 
     k, n = qweight.shape[0], qweight.shape[1] * 8
     dt = gemlite.DType.BF16 if dtype == torch.bfloat16 else gemlite.DType.FP16
-    lin = gemlite.GemLiteLinear(4, group_size=gs, in_features=k, out_features=n, input_dtype=dt, output_dtype=dt)
+    lin = gemlite.GemLiteLinear(4, group_size=gs, in_features=k, out_features=n, input_dtype=dt,
+                                output_dtype=dt)
     codes = unpack_awq(qweight).t().contiguous()  # [N, K] uint8
     lin.pack(codes, scales.t().contiguous().to(dtype), unpack_awq(qzeros).t().contiguous().to(dtype), None)
     return lin
@@ -201,7 +202,8 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
                     gl = [gemlite_linear(*awq, GS, torch.bfloat16) for _ in range(c4)]
                     gemlite_spent += time.time() - g0
                 except Exception as e:
-                    gemlite_ok, gemlite_note = False, f"gemlite failed to pack: {type(e).__name__}: {str(e)[:200]}"
+                    gemlite_ok = False
+                    gemlite_note = f"gemlite failed to pack: {type(e).__name__}: {str(e)[:200]}"
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 xh = x.to(torch.float16)
@@ -217,7 +219,8 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
                         r["gemlite_s"], r["gemlite_graphed"] = gpu_time([lambda g=g: g(x) for g in gl])
                         gemlite_spent += time.time() - g0
                     except Exception as e:
-                        gemlite_ok, gemlite_note = False, f"gemlite failed: {type(e).__name__}: {str(e)[:200]}"
+                        gemlite_ok = False
+                        gemlite_note = f"gemlite failed: {type(e).__name__}: {str(e)[:200]}"
                 elif gl is not None and gemlite_spent >= gemlite_budget_s:
                     gemlite_note = f"gemlite skipped after {gemlite_budget_s:.0f} s of its (autotuning) time"
                 r["ours_tbs"] = int4_bytes(n, k, m) / r["ours_s"] / 1e12
@@ -229,7 +232,8 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
             if save:  # results so far, in case the run is cut short
                 save({"machine": info, "group_size": GS, "dtype": "bfloat16", "rows": rows,
                       "gemlite_note": gemlite_note})
-    return {"machine": info, "group_size": GS, "dtype": "bfloat16", "rows": rows, "gemlite_note": gemlite_note}
+    return {"machine": info, "group_size": GS, "dtype": "bfloat16", "rows": rows,
+            "gemlite_note": gemlite_note}
 
 
 def ratio(r, key):
@@ -277,11 +281,12 @@ def write_gpu(res, stem="kernels", out_dir=RESULTS):
              "tiny = tinygemm (aten._weight_int4pack_mm), geml = gemlite.", ""]
     if res.get("gemlite_note"):
         lines += [f"gemlite: {res['gemlite_note']}", ""]
-    lines += ["| model | layer | K | N | M | ours us | ours TB/s | bf16 us | bf16 TB/s | x bf16 | x fp16 | x tiny "
-              "| x geml |", "|" + "---|" * 13]
+    lines += ["| model | layer | K | N | M | ours us | ours TB/s | bf16 us | bf16 TB/s | x bf16 | x fp16 "
+              "| x tiny | x geml |", "|" + "---|" * 13]
     for r in res["rows"]:
-        lines.append(f"| {r['model']} | {r['layer']} | {r['k']} | {r['n']} | {r['m']} | {r['ours_s'] * 1e6:.1f} | "
-                     f"{r['ours_tbs']:.2f} | {r['bf16_s'] * 1e6:.1f} | {r['bf16_tbs']:.2f} | "
+        lines.append(f"| {r['model']} | {r['layer']} | {r['k']} | {r['n']} | {r['m']} | "
+                     f"{r['ours_s'] * 1e6:.1f} | {r['ours_tbs']:.2f} | "
+                     f"{r['bf16_s'] * 1e6:.1f} | {r['bf16_tbs']:.2f} | "
                      f"{ratio(r, 'bf16_s'):.2f} | {ratio(r, 'fp16_s'):.2f} | {ratio(r, 'tinygemm_s'):.2f} | "
                      f"{ratio(r, 'gemlite_s'):.2f} |")
     lines += ["", "## Targets", ""]
@@ -436,7 +441,8 @@ def bench_cpu(threads):
             r["bf16_s"] = cpu_time([lambda w=w: F.linear(xb, w) for w in w16])
             r["ours_gbs"] = int4_bytes(n, k, m, 64) / r["ours_bf16_s"] / 1e9
             rows.append(r)
-            print(f"{layer:8} {k:5} {n:6} {m:4}  ours {r['ours_bf16_s'] * 1e6:9.1f} us {r['ours_gbs']:6.1f} GB/s"
+            print(f"{layer:8} {k:5} {n:6} {m:4}  ours {r['ours_bf16_s'] * 1e6:9.1f} us"
+                  f" {r['ours_gbs']:6.1f} GB/s"
                   f"  (fp32 x: {r['ours_fp32in_s'] * 1e6:9.1f})  fp32 {r['fp32_s'] * 1e6:9.1f}"
                   f"  bf16 {r['bf16_s'] * 1e6:9.1f}  x fp32 {r['fp32_s'] / r['ours_bf16_s']:5.2f}"
                   f"  x bf16 {r['bf16_s'] / r['ours_bf16_s']:5.2f}", flush=True)
@@ -457,11 +463,13 @@ def write_cpu(res, out_dir=RESULTS):
     lines = [f"# 4-bit linears on CPU: {mi['cpu']}", "",
              f"{mi['threads']} threads, torch {mi['torch']}, Python {mi['python']}, load average at the end "
              f"{', '.join(f'{v:.1f}' for v in mi['loadavg'])} (a shared machine: expect noise). SmolLM2-135M "
-             f"shapes, group size {res['group_size']}, weights rotated over > 4x the 32 MB L3, median of passes.",
-             "", "ours = int4_linear on a PackedInt4 for CPU in bf16 (tinygemm for CPU); `fp32 x` = the same with "
-             "fp32 activations (cast to bf16 and back). GB/s = effective (AWQ bytes + x + y). "
+             f"shapes, group size {res['group_size']}, weights rotated over > 4x the 32 MB L3, median of "
+             "single calls.", "",
+             "ours = int4_linear on a PackedInt4 for CPU in bf16 (tinygemm for CPU); `fp32 x` = the same "
+             "with fp32 activations (cast to bf16 and back). GB/s = effective (AWQ bytes + x + y). "
              "`x fp32` = time(F.linear fp32) / time(ours).", "",
-             "| layer | K | N | M | ours us | GB/s | ours, fp32 x, us | fp32 us | bf16 us | x fp32 | x bf16 |",
+             "| layer | K | N | M | ours us | GB/s | ours, fp32 x, us | fp32 us | bf16 us | x fp32 "
+             "| x bf16 |",
              "|" + "---|" * 11]
     for r in res["rows"]:
         lines.append(f"| {r['layer']} | {r['k']} | {r['n']} | {r['m']} | {r['ours_bf16_s'] * 1e6:.1f} | "

@@ -44,7 +44,8 @@ def test_triton_kernels_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                        cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"interpreted Triton kernel tests failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, \
+        f"interpreted Triton kernel tests failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
     print(r.stdout.strip().splitlines()[-1])
 
 
@@ -106,7 +107,8 @@ GEMV_CASES = pick(
     ],
     sample([(n, k, gs, m, dt, s, b, bn)
             for (n, k, gs), m, dt, (s, bn), b in itertools.product(
-                FULL_SHAPES, (1, 2, 5), (F16, BF16), ((None, 128), (3, 32), (1, 64), (8, 16)), (True, False))], 60)
+                FULL_SHAPES, (1, 2, 5), (F16, BF16), ((None, 128), (3, 32), (1, 64), (8, 16)),
+                (True, False))], 60)
     + [(4104, 4096, 128, 1, BF16, None, False, 128), (72, 11008, 128, 1, F16, 32, False, 16)],
 )
 
@@ -218,5 +220,6 @@ def test_cuda_graph_replay():
 
 
 if not RUN_HERE:  # the cases run in the child process (test_triton_kernels_in_interpreter)
-    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_triton_kernels_in_interpreter"]:
-        del globals()[_name]
+    for _name in [n for n in list(globals()) if n.startswith("test_")]:
+        if _name != "test_triton_kernels_in_interpreter":
+            del globals()[_name]

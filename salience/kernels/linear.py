@@ -4,8 +4,9 @@
     y = int4_linear(x, p, bias)          # x [..., K] -> y [..., N], y.dtype = x.dtype
 
 The kernel is picked by where p lives and by M = tokens (x flattened to [M, K]):
-    CUDA, fp16/bf16 x:  M <= 8 GEMV (CUDA cores, split-K) | M <= 256 fused dequant GEMM (tensor cores)
+    CUDA, fp16/bf16 x:  M = 1 GEMV (CUDA cores, split-K) | M <= 256 fused dequant GEMM (tensor cores)
                         | larger M: dequantize (Triton) then cuBLAS.   fp32 x: dequantize then cuBLAS.
+                        (thresholds and block sizes: triton_int4.py, from an H100 sweep)
     CPU:                torch's tinygemm for CPU in p.dtype (x is cast to it and the result back).
                         bf16 is its fast dtype; fp16 and fp32 are exact but far slower there.
 """

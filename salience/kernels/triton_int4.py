@@ -3,10 +3,14 @@
 Decode is memory-bound: at M tokens a linear must stream N*K/2 bytes of codes, so each kernel is
 judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Three:
 
-  _gemv_kernel     M = 1, CUDA cores. Programs own BLOCK_N rows and a K range (split-K).
-  _gemm_kernel     M up to a few hundred: dequantize a [BLOCK_N, 16] slice in registers and feed it
-                   to the tensor cores as the A operand, tokens as B (acc is [BLOCK_N, BLOCK_M]).
+  _gemv_kernel     M = 1, CUDA cores. Programs own BLOCK_N rows and a K range (split-K); the next
+                   unit's words, scales and x are loaded while the current one computes.
+  _gemm_kernel     M up to a few hundred: a [BLOCK_N, 16] slice of codes, made 16-bit floats in
+                   registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
+
+Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 0.9-2.0 TB/s effective at
+M = 1, latency-bound (too few bytes in flight per SM), short of the 2.5-3 TB/s the hardware allows.
 
 Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
 0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
