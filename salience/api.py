@@ -4,7 +4,6 @@ measure perplexity, generate text."""
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from pathlib import Path
@@ -162,7 +161,3 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 64, temperature: flo
 
 def clone(model):
     return copy.deepcopy(model)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))

@@ -123,11 +123,6 @@ def is_quantized_checkpoint(path) -> bool:
     return qc.get("quant_method") == "awq"
 
 
-def default_dtype(device) -> torch.dtype:
-    """bf16 on the CPU (AVX-512 bf16 matmuls are ~4x fp32 here) and on CUDA; override with --dtype."""
-    return torch.bfloat16
-
-
 def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """-> (model on the CPU, tokenizer, folder). Full-precision load; never unpickles unless asked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

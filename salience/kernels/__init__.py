@@ -28,4 +28,4 @@ from .linear import PackedInt4, int4_linear
 from . import layout, reference
 from .reference import dequantize_awq, int4_linear_ref
 
-__all__ = ["PackedInt4", "int4_linear", "int4_linear_ref", "dequantize_awq"]
+__all__ = ["PackedInt4", "int4_linear", "int4_linear_ref", "dequantize_awq", "layout", "reference"]
