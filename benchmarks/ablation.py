@@ -3,7 +3,7 @@
     python benchmarks/ablation.py [--model smollm2] [--group-size 64] [--rows 64] [--windows 64]
 
 Each variant quantizes the same full-precision model in memory from the same calibration rows and is
-evaluated on the same windows. Writes benchmarks/results/ablation.md and .json (machine named)."""
+evaluated on the same windows. Writes benchmarks/results/ablation-<model>-g<group>.md and .json (machine named)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def main():
         closed = (out["rtn"] - r["ppl"]) / (out["rtn"] - out["fp"])
         md.append(f"| {r['variant']} | {r['ppl']:.3f} | {100 * closed:.0f}% | {r['seconds']:.0f} s |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ablation.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "ablation.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
+    stem = f"ablation-{a.model}-g{a.group_size}"
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
                                                        indent=2))
     print("\n".join(md))
 
