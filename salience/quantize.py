@@ -161,7 +161,7 @@ def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
 
 def _group_applies(block, g: ScaleGroup) -> bool:
     prev = get_module(block, g.prev)
-    width = prev.weight.shape[0] if prev.weight.dim() == 1 else len(range(prev.weight.shape[0])[_prev_rows(prev, g)])
+    width = prev.weight[_prev_rows(prev, g)].shape[0]  # channels prev feeds to `linears` (a view)
     ok = all(get_module(block, n).in_features == width for n in g.linears)
     if not ok and not g.optional:
         raise ValueError(f"scaling group {g.prev} -> {g.linears}: shapes disagree (table entry is wrong)")
