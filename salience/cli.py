@@ -75,10 +75,10 @@ def cmd_quantize(a):
     rows = []
     from .models import load_fp
 
+    m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
+                        trust_remote_code=a.trust_remote_code)
     if a.eval:
         # The comparison table needs the full-precision and RTN models too: load once, copy.
-        m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
-                            trust_remote_code=a.trust_remote_code)
         rows.append(("full precision", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows), a.device,
                                                desc="ppl fp")))
         rtn = api.clone(m)
@@ -86,14 +86,9 @@ def cmd_quantize(a):
         rows.append((f"RTN w{a.bits} g{a.group_size}", api.ppl(rtn, tok, a.data, a.seqlen, _windows(a.windows),
                                                                 a.device, desc="ppl rtn")))
         del rtn
-        loaded = (m, tok)
-    else:
-        loaded = None
     path, _, tok = api.quantize(a.model, out, qcfg, a.method, a.calib, a.calib_rows, a.seqlen,
                                 scfg=_search_config(a), device=a.device, dtype=a.dtype, overwrite=a.overwrite,
-                                loaded=loaded or load_fp(a.model, dtype=api.pick_dtype(a.dtype),
-                                                         allow_pickle=a.allow_pickle,
-                                                         trust_remote_code=a.trust_remote_code)[:2])
+                                loaded=(m, tok))
     print(f"\n4-bit checkpoint written to {path.resolve()}")
     if a.eval or a.prompt:
         qm, qtok = api.load_any(str(path), dtype=a.dtype)
