@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .arch import arch_for, get_module
+from . import moe
+from .arch import Arch, arch_for, get_module
 from .awq import SearchConfig
-from .checkpoint import CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors
+from .checkpoint import (CheckpointWriter, block_tensors, load_quantized, not_converted, quant_config,
+                         rest_tensors)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .models import is_quantized_checkpoint, load_fp, resolve
@@ -40,20 +42,23 @@ def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return names[dtype]
 
 
-def check_group_size(model, qcfg: QuantConfig) -> None:
-    """Fail before any work when the group size does not divide some quantized linear's input dim."""
-    arch = arch_for(model.config)
+def check_group_size(model, qcfg: QuantConfig, arch: Arch | None = None) -> None:
+    """Fail before any work when the group size does not divide some quantized linear's input dim.
+    Fused experts are unfused here (per-expert linears, same weights) so that their shapes are checked."""
+    arch = arch or arch_for(model.config)
     for i, block in enumerate(get_module(model, arch.layers)):
-        for name, lin in quantizable_linears(block).items():
+        moe.unfuse(block, arch)
+        for name, lin in quantizable_linears(block, arch).items():
             qcfg.groups(lin.in_features, f"{arch.layers}.{i}.{name}")
 
 
 def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Tensor | None = None,
                   scfg: SearchConfig | None = None, device=None, dtype=None, on_block=None,
-                  progress: bool = True):
-    """Quantize `model` in place (weights become their dequantized 4-bit values). Returns block reports."""
-    arch = arch_for(model.config)
-    check_group_size(model, qcfg)
+                  progress: bool = True, arch: Arch | None = None):
+    """Quantize `model` in place (weights become their dequantized 4-bit values). Returns block reports.
+    arch: the structure (default: the table entry of the model's config; see salience.discover)."""
+    arch = arch or arch_for(model.config)
+    check_group_size(model, qcfg, arch)
     if method == "awq":
         if rows is None:
             raise ValueError("AWQ needs calibration rows")
@@ -68,16 +73,18 @@ def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Ten
 
 def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str = "awq", calib: str = "lee",
              n_rows: int = 128, seqlen: int = 512, seed: int = 0, scfg: SearchConfig | None = None,
-             device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None):
+             device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None,
+             arch: Arch | None = None):
     """Quantize a model into an AWQ GEMM checkpoint at `out`. Returns (out path, the fake-quantized model
-    in memory, tokenizer). `loaded` = (model, tokenizer) skips loading (the model is modified)."""
+    in memory, tokenizer). `loaded` = (model, tokenizer) skips loading (the model is modified).
+    arch: the structure (default: the table entry of the model's config; see salience.discover)."""
     t0 = time.time()
     if qcfg.bits != 4:
         raise ValueError("the AWQ GEMM checkpoint stores 4-bit weights; other bit widths are for "
                          "in-memory evaluation (salience eval --fake-quant)")
     m, tok = loaded if loaded is not None else load_fp(model, dtype=pick_dtype(dtype))[:2]
-    arch = arch_for(m.config)
-    check_group_size(m, qcfg)
+    arch = arch or arch_for(m.config)
+    check_group_size(m, qcfg, arch)
     save_dtype = getattr(torch, arch.dtype)
     rows = None
     t_data = time.time()
@@ -93,10 +100,10 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
 
     t_q = time.time()
     scfg = scfg or SearchConfig()
-    reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress)
+    reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress, arch)
     t_q = time.time() - t_q
     config = m.config.to_dict()
-    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size)
+    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch))
     config["dtype"] = arch.dtype
     config.pop("torch_dtype", None)
     report = {

@@ -112,6 +112,12 @@ def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict
             if not k.startswith(layers_path + ".") and k not in skip}
 
 
+def not_converted(arch) -> list[str]:
+    """modules_to_not_convert: lm_head, the model-level 16-bit modules (VLM vision tower, projector) and the
+    blocks' (routers, shared-expert gates; loaders match these names as suffixes)."""
+    return ["lm_head", *arch.not_convert_model, *arch.not_convert]
+
+
 def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict:
     return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
             "version": "gemm", "modules_to_not_convert": list(not_converted)}
@@ -142,7 +148,11 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
     """Load an AWQ GEMM checkpoint (ours or another tool's) into a transformers model whose quantized
     linears are QuantLinear. Returns (model, tokenizer)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import UnsupportedArchitecture, arch_for, get_module
+    from .moe import unfuse
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -158,8 +168,22 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     shapes = _tensor_shapes(path)
+    # the class that was quantized (a VLM's ...ForConditionalGeneration, not its text-only CausalLM)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else AutoModelForCausalLM
+    if cls is None:
+        raise CheckpointError(f"{path}: config.json names the class {names[0]!r}, which this transformers "
+                              f"({transformers.__version__}) does not have")
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype) if cls is AutoModelForCausalLM \
+            else cls._from_config(config, dtype=dtype)
+    try:
+        arch = arch_for(config)
+    except UnsupportedArchitecture:
+        arch = None  # another tool's checkpoint of a family outside our table: plain linears only
+    if arch is not None and arch.experts is not None:
+        for block in get_module(model, arch.layers):
+            unfuse(block, arch)  # the checkpoint holds one AWQ linear per expert
     for name in [k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")]:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)

@@ -13,6 +13,7 @@ which computes the masks and position embeddings each block expects (sliding/ful
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import awq
+from . import awq, moe
 from .arch import Arch, ScaleGroup, get_module
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
 
@@ -123,6 +124,12 @@ class _InputStats:
     def new_pass(self):
         self._seen = {}
 
+    def has(self, name):
+        return name in self.key_of
+
+    def tokens(self, name):
+        return self.count[self.key_of[name]] if name in self.key_of else 0
+
     def x_mean(self, name):
         k = self.key_of[name]
         return self.abs_sum[k] / self.count[k]
@@ -147,8 +154,55 @@ def _call(module, args, kwargs):
 
 # ---- one block -------------------------------------------------------------------------------------------
 
-def quantizable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def quantizable_linears(block: nn.Module, arch: Arch | None = None) -> dict[str, nn.Linear]:
+    skip = set(arch.not_convert) if arch is not None else set()
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n not in skip}
+
+
+def expand_groups(groups, n_experts: int) -> list[ScaleGroup]:
+    """Resolve `*` (every expert index): a group whose prev has `*` is repeated per expert; otherwise each
+    name with `*` in linears/compensate becomes one name per expert. Without experts, groups naming `*`
+    are dropped (they are optional: dense layers of an MoE model)."""
+    out = []
+    for g in groups:
+        names = (g.prev, g.inspect, *g.linears, *g.compensate)
+        if not any("*" in n for n in names):
+            out.append(g)
+            continue
+        if n_experts == 0:
+            continue
+        if "*" in g.prev:
+            out += [ScaleGroup(g.prev.replace("*", str(e)), tuple(n.replace("*", str(e)) for n in g.linears),
+                               g.inspect.replace("*", str(e)), g.prev_chunk, g.optional,
+                               tuple(n.replace("*", str(e)) for n in g.compensate)) for e in range(n_experts)]
+        else:
+            def each(ns):
+                return tuple(x for n in ns for x in ([n.replace("*", str(e)) for e in range(n_experts)]
+                                                       if "*" in n else [n]))
+            out.append(ScaleGroup(g.prev, each(g.linears), g.inspect, g.prev_chunk, g.optional,
+                                  each(g.compensate)))
+    return out
+
+
+def block_groups(block: nn.Module, arch: Arch) -> list[ScaleGroup]:
+    """The block's scaling groups with expert wildcards resolved (experts must be unfused: moe.unfuse)."""
+    return expand_groups(arch.groups, moe.n_experts(block, arch))
+
+
+def _has(block, name: str) -> bool:
+    try:
+        get_module(block, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def apply_scale(block, g: ScaleGroup, s: torch.Tensor, plus_one: bool = False):
+    """Fold s into the group (exact in full precision): prev's output / s, linears' and compensated
+    modules' input columns * s."""
+    prev = get_module(block, g.prev)
+    awq.fold_into_prev(prev, s, _prev_rows(prev, g), plus_one)
+    awq.fold_into_linears([get_module(block, n) for n in (*g.linears, *g.compensate)], s)
 
 
 def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
@@ -160,6 +214,12 @@ def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
 
 
 def _group_applies(block, g: ScaleGroup) -> bool:
+    missing = [n for n in (g.prev, *g.linears, *g.compensate) if not _has(block, n)]
+    if missing:
+        if g.optional:
+            return False
+        raise ValueError(f"scaling group {g.prev} -> {g.linears}: the block has no {missing} (table entry is "
+                         "wrong)")
     prev = get_module(block, g.prev)
     width = prev.weight[_prev_rows(prev, g)].shape[0]  # channels prev feeds to `linears` (a view)
     ok = all(get_module(block, n).in_features == width for n in g.linears)
@@ -176,11 +236,12 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
     scfg None = round-to-nearest (no search). x and the block must be on the same device."""
     t0 = time.time()
-    lins = quantizable_linears(block)
+    lins = quantizable_linears(block, arch)
+    groups = block_groups(block, arch)
     for name, lin in lins.items():
         qcfg.groups(lin.in_features, f"block {index} {name}")  # clear error before any work
     stats = _InputStats()
-    inspect_names = {g.inspect for g in arch.groups if g.inspect not in lins} \
+    inspect_names = {g.inspect for g in groups if g.inspect not in lins and _has(block, g.inspect)} \
         if scfg is not None and scfg.loss == "output" else set()
     n_search_rows = max(1, -(-scfg.search_tokens // x.shape[1])) if scfg else 0
     saved_calls: dict[str, list] = {n: [] for n in inspect_names}
@@ -194,7 +255,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                 saved_calls[name].append((args, kwargs))
         return fn
 
-    handles = [lin.register_forward_pre_hook(stats.hook(n)) for n, lin in lins.items()] if scfg else []
+    # compensated modules (routers) read all tokens of their group: the group's activation statistic
+    watched = {**lins, **{n: get_module(block, n) for g in groups for n in g.compensate if _has(block, n)}}
+    handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in watched.items()] if scfg else []
     handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                 for n in inspect_names]
     outs = []
@@ -211,15 +274,22 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     search: dict[str, torch.Tensor] = {}
     report: dict = {"groups": {}, "skipped_groups": []}
     in_scale: dict[str, torch.Tensor] = {}  # linear -> scale applied to its input columns
+    # Linears no calibration token reached (experts the router never picked): quantized from their weights
+    # alone (no scale, no clip search).
+    no_tokens = sorted(n for n in lins if scfg is not None and not stats.has(n))
+    if no_tokens:
+        report["no_calibration_tokens"] = no_tokens
+        warnings.warn(f"block {index}: no calibration token reached {', '.join(no_tokens)}; quantized from the "
+                      "weights alone (no scale or clip search)", stacklevel=2)
     if scfg is not None:
-        for g in arch.groups:
-            if not _group_applies(block, g):
+        for g in groups:
+            if not _group_applies(block, g):  # optional: shapes disagree, or a dense/MoE alternative
                 report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
                 continue
+            if not any(stats.has(n) for n in g.linears):
+                continue  # an expert without tokens: nothing to measure, listed in no_calibration_tokens
             s, alpha, losses = _search_group(block, g, stats, saved_calls, qcfg, scfg)
-            prev = get_module(block, g.prev)
-            awq.fold_into_prev(prev, s, _prev_rows(prev, g), arch.norm_plus_one)
-            awq.fold_into_linears([get_module(block, n) for n in g.linears], s)
+            apply_scale(block, g, s, arch.norm_plus_one)
             for n in g.linears:
                 in_scale[n] = s
             key = f"{g.prev}->{'+'.join(g.linears)}"
@@ -231,7 +301,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     for name, lin in lins.items():
         w = lin.weight
         clip_min = clip_max = None
-        if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip:
+        if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip and stats.has(name):
             g = stats.gram_of(name)
             if name in in_scale:
                 s = in_scale[name]
@@ -251,7 +321,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
 def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, scfg):
     lins = [get_module(block, n) for n in g.linears]
-    x_mean = stats.x_mean(g.linears[0])
+    # the member that saw the most tokens (the router or shared expert, not a routed expert) gives mean|x|
+    x_mean = stats.x_mean(max((*g.compensate, *g.linears), key=stats.tokens))
     w_mean = awq.weight_mean([lin.weight for lin in lins], qcfg) if scfg.formula != "x" else None
     orig = [lin.weight.clone() for lin in lins]
 
@@ -259,10 +330,12 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
         # Output error of the group's linears, exact over all calibration tokens in Gram form. When the
         # inspected module is that single linear this is the reference loss; otherwise a surrogate that
         # skips the non-linear rest of the module (attention, SiLU * up).
-        gm = stats.gram_of(g.linears[0])
+        # each linear's own Gram (routed experts see different tokens); linears without tokens add nothing
+        grams = [stats.gram_of(n) if stats.has(n) else None for n in g.linears]
 
         def loss_fn(s):
-            return sum(awq.gram_loss(awq.scaled_fake_quant(w, s, qcfg) - w.float(), gm) for w in orig)
+            return sum(awq.gram_loss(awq.scaled_fake_quant(w, s, qcfg) - w.float(), gm)
+                       for w, gm in zip(orig, grams) if gm is not None)
     else:  # non-linear module: output MSE on the saved calls
         mod = get_module(block, g.inspect)
         calls = saved_calls[g.inspect]
@@ -302,6 +375,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     reports = []
     bar = tqdm(range(len(layers)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
     for i in bar:
+        moe.unfuse(layers[i], arch)  # fused experts -> per-expert linears (no-op for dense blocks)
         block = layers[i].to(device=device, dtype=dtype)
         try:
             res, y = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size)

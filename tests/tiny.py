@@ -29,6 +29,16 @@ CONFIGS = {
                                           num_attention_heads=4, max_position_embeddings=256,
                                           word_embed_proj_dim=64),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
+    # MoE: 8 experts, top-2, expert width 32 (= the tests' group size)
+    "mixtral": lambda: transformers.MixtralConfig(**_COMMON, num_key_value_heads=2, num_local_experts=8,
+                                                  num_experts_per_tok=2, sliding_window=None),
+    # layer 1 is dense (mlp_only_layers): both MLP kinds in one model; shared expert with a sigmoid gate
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_COMMON, num_key_value_heads=2, num_experts=8,
+                                                     num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=64, mlp_only_layers=[1]),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=16,
+                                                     num_experts=8, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32),
 }
 
 
