@@ -190,6 +190,24 @@ ARCHS.update({
     "qwen3_moe": Arch(layers="model.layers", groups=_ATTN + _moe("mlp.experts", "gate_proj", "up_proj",
                                                                  "down_proj"),
                       no_clip=_LLAMA.no_clip, experts=Experts("mlp.experts"), not_convert=("mlp.gate",)),
+    # DeepSeek-V3 (MLA attention, sigmoid router with grouped top-k, one shared expert, the first
+    # first_k_dense_replace layers dense). kv_a_proj_with_mqa's output is [latent | rope k]; only the latent
+    # passes kv_a_layernorm. No v -> o group: v comes out of kv_b_proj interleaved with k per head.
+    "deepseek_v3": Arch(
+        layers="model.layers",
+        groups=(
+            ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn",
+                       optional=True),  # q_lora_rank set (the released models)
+            ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn",
+                       optional=True),  # q_lora_rank None (V2-Lite)
+            ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "self_attn.q_b_proj", optional=True),
+            ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn.kv_b_proj"),
+        ) + _moe("mlp.experts", "gate_proj", "up_proj", "down_proj", shared="mlp.shared_experts"),
+        # q and the rope part of k are shaped by softmax: no clip search (reference behaviour for q/k)
+        no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa"),
+        experts=Experts("mlp.experts"),
+        not_convert=("mlp.gate",),
+    ),
 })
 
 # ---- vision-language models ----------------------------------------------------------------------------------

@@ -190,11 +190,11 @@ def block_groups(block: nn.Module, arch: Arch) -> list[ScaleGroup]:
 
 
 def _has(block, name: str) -> bool:
+    """Whether the block has module `name` (transformers sets absent optional submodules to None)."""
     try:
-        get_module(block, name)
+        return get_module(block, name) is not None
     except AttributeError:
         return False
-    return True
 
 
 def apply_scale(block, g: ScaleGroup, s: torch.Tensor, plus_one: bool = False):

@@ -16,7 +16,7 @@ from salience.quantize import _group_applies, apply_scale, block_groups
 
 from tiny import tiny_model, tiny_tokenizer
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 
 
 def _routing(model, ids):
@@ -82,7 +82,7 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
     arch = ARCHS[model_type]
     router_w = {i: b.mlp.gate.weight.detach().clone() for i, b in enumerate(m.model.layers)
                 if not isinstance(b.mlp.gate if hasattr(b.mlp, "gate") else None, (torch.nn.Linear, type(None)))}
-    n_exp = m.model.layers[0].mlp.experts.num_experts
+    n_exp = next(b.mlp.experts.num_experts for b in m.model.layers if hasattr(b.mlp, "experts"))
     out = tmp_path / "ckpt"
     api.quantize(None, out, QuantConfig(4, 32), "awq", _calib(tmp_path), n_rows=8, seqlen=32, device="cpu",
                  dtype=torch.float32, loaded=(m, tiny_tokenizer()), progress=False)

@@ -39,6 +39,12 @@ CONFIGS = {
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=16,
                                                      num_experts=8, num_experts_per_tok=2,
                                                      moe_intermediate_size=32),
+    # MLA attention with q and kv low-rank paths; layer 0 dense (first_k_dense_replace); 8 experts in 2
+    # groups, top-2 from the best group; one shared expert
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **_COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1),
 }
 
 
