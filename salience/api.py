@@ -105,6 +105,7 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     config = m.config.to_dict()
     config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch))
     config["dtype"] = arch.dtype
+    config["architectures"] = [type(m).__name__]  # the class that loads it back (a VLM's, not a CausalLM)
     config.pop("torch_dtype", None)
     report = {
         "salience_version": __version__, "model": str(model or "smollm2"), "method": method,

@@ -138,7 +138,13 @@ def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_rem
                                  "arbitrary code. Pass --allow-pickle if you trust the file.")
             raise ModelError(f"{src}: no *.safetensors weights found")
     try:
-        m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32,
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        from .arch import VLMS
+
+        mt = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code).model_type
+        auto = AutoModelForImageTextToText if mt in VLMS else AutoModelForCausalLM  # VLM: keep the vision tower
+        m = auto.from_pretrained(src, dtype=dtype or torch.float32,
                                                  use_safetensors=not allow_pickle,
                                                  trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)

@@ -71,3 +71,44 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+# Vision-language models: tiny vision towers (one layer, 28x28 images of 2x2 patches of 14 pixels) and text
+# models like the ones above. The last vocabulary ids are the image/video/vision-start tokens.
+IMAGE = VOCAB - 1
+_TXT = dict(_COMMON, num_key_value_heads=2)
+_MROPE = {"type": "mrope", "mrope_section": [2, 2, 4]}
+VLM_CONFIGS = {
+    "llava": lambda: transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=transformers.LlamaConfig(**_TXT), image_token_index=IMAGE),
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        text_config=dict(**_TXT, rope_scaling=_MROPE, bos_token_id=1, eos_token_id=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           fullatt_block_indexes=[0]),
+        text_config=dict(**_TXT, rope_scaling=_MROPE, bos_token_id=1, eos_token_id=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
+    "gemma3": lambda: transformers.Gemma3Config(
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=transformers.Gemma3TextConfig(**dict(_TXT, num_key_value_heads=1), head_dim=16,
+                                                  sliding_window=8),
+        mm_tokens_per_image=4, image_token_index=IMAGE),
+}
+
+
+def tiny_vlm(model_type: str, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = VLM_CONFIGS[model_type]()
+    m = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif not p.any():  # Gemma 3's projection matrix initialises to zeros: images would not matter
+                p.normal_(0, 0.02)
+    return m
