@@ -4,6 +4,7 @@ measure perplexity, generate text."""
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import time
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 
 from . import __version__
 from . import moe
-from .arch import Arch, arch_for, get_module
+from .arch import Arch, arch_for, arch_to_dict, get_module
 from .awq import SearchConfig
-from .checkpoint import (CheckpointWriter, block_tensors, load_quantized, not_converted, quant_config,
+from .checkpoint import (ARCH, CheckpointWriter, block_tensors, load_quantized, not_converted, quant_config,
                          rest_tensors)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
@@ -119,6 +120,7 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
                     "total": round(time.time() - t0, 2)},
         "blocks": reports,
     }
+    (writer.tmp / ARCH).write_text(json.dumps(arch_to_dict(arch), indent=2))
     path = writer.close(config, tok, report)
     return path, m, tok
 

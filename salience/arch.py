@@ -22,7 +22,8 @@ and the projector stay in 16 bits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ ARCHS.update({
                        optional=True),  # q_lora_rank set (the released models)
             ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn",
                        optional=True),  # q_lora_rank None (V2-Lite)
-            ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "self_attn.q_b_proj", optional=True),
-            ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn.kv_b_proj"),
+            # q_b and kv_b feed attention (softmax): the loss is attention's output, as for q/k/v
+            ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "self_attn", optional=True),
+            ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn"),
         ) + _moe("mlp.experts", "gate_proj", "up_proj", "down_proj", shared="mlp.shared_experts"),
         # q and the rope part of k are shaped by softmax: no clip search (reference behaviour for q/k)
         no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa"),
@@ -257,3 +259,20 @@ def get_module(root, path: str):
     for part in path.split("."):
         root = getattr(root, part)
     return root
+
+
+# ---- an entry as JSON (salience discover --json; salience_arch.json in a checkpoint) ------------------------
+
+def arch_to_dict(arch: Arch) -> dict:
+    return json.loads(json.dumps(asdict(arch)))  # tuples -> lists
+
+
+def arch_from_dict(d: dict) -> Arch:
+    groups = tuple(ScaleGroup(g["prev"], tuple(g["linears"]), g["inspect"],
+                              tuple(g["prev_chunk"]) if g.get("prev_chunk") else None, g.get("optional", False),
+                              tuple(g.get("compensate", ()))) for g in d["groups"])
+    experts = Experts(**d["experts"]) if d.get("experts") else None
+    return Arch(layers=d["layers"], groups=groups, norm_plus_one=d.get("norm_plus_one", False),
+                no_clip=tuple(d.get("no_clip", ())), dtype=d.get("dtype", "float16"),
+                notes=tuple(d.get("notes", ())), experts=experts, not_convert=tuple(d.get("not_convert", ())),
+                not_convert_model=tuple(d.get("not_convert_model", ())))

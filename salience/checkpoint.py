@@ -24,6 +24,7 @@ from .packing import pack_linear
 INDEX = "model.safetensors.index.json"
 REPORT = "salience_report.json"
 SEARCH = "salience_search.safetensors"
+ARCH = "salience_arch.json"  # the structure used (table entry or discovered); the loader reads it
 
 
 class CheckpointError(ValueError):
@@ -151,7 +152,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import UnsupportedArchitecture, arch_for, get_module
+    from .arch import UnsupportedArchitecture, arch_for, arch_from_dict, get_module
     from .moe import unfuse
 
     path = Path(path)
@@ -177,10 +178,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     with params_on_meta():
         model = cls.from_config(config, dtype=dtype) if cls is AutoModelForCausalLM \
             else cls._from_config(config, dtype=dtype)
-    try:
-        arch = arch_for(config)
-    except UnsupportedArchitecture:
-        arch = None  # another tool's checkpoint of a family outside our table: plain linears only
+    if (path / ARCH).exists():  # written by salience: the structure it quantized with
+        arch = arch_from_dict(json.loads((path / ARCH).read_text()))
+    else:
+        try:
+            arch = arch_for(config)
+        except UnsupportedArchitecture:
+            arch = None  # another tool's checkpoint of a family outside our table: plain linears only
     if arch is not None and arch.experts is not None:
         for block in get_module(model, arch.layers):
             unfuse(block, arch)  # the checkpoint holds one AWQ linear per expert

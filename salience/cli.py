@@ -1,4 +1,4 @@
-"""salience command line: quantize, eval, generate, demo."""
+"""salience command line: quantize, eval, generate, demo, discover."""
 
 from __future__ import annotations
 
@@ -77,18 +77,19 @@ def cmd_quantize(a):
 
     m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
                         trust_remote_code=a.trust_remote_code)
+    arch = _load_arch(getattr(a, "arch", None))
     if a.eval:
         # The comparison table needs the full-precision and RTN models too: load once, copy.
         rows.append(("full precision", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows), a.device,
                                                desc="ppl fp")))
         rtn = api.clone(m)
-        api.fake_quantize(rtn, qcfg, "rtn", device=a.device, dtype=a.dtype)
+        api.fake_quantize(rtn, qcfg, "rtn", device=a.device, dtype=a.dtype, arch=arch)
         rows.append((f"RTN w{a.bits} g{a.group_size}", api.ppl(rtn, tok, a.data, a.seqlen, _windows(a.windows),
                                                                 a.device, desc="ppl rtn")))
         del rtn
     path, _, tok = api.quantize(a.model, out, qcfg, a.method, a.calib, a.calib_rows, a.seqlen,
                                 scfg=_search_config(a), device=a.device, dtype=a.dtype, overwrite=a.overwrite,
-                                loaded=(m, tok))
+                                loaded=(m, tok), arch=arch)
     print(f"\n4-bit checkpoint written to {path.resolve()}")
     if a.eval or a.prompt:
         qm, qtok = api.load_any(str(path), dtype=a.dtype)
@@ -102,6 +103,36 @@ def cmd_quantize(a):
         print(f"\nprompt: {a.prompt}")
         print("4-bit greedy:", api.generate(qm, qtok, a.prompt, a.max_new_tokens, device=a.device))
     print(f"\ndone in {time.time() - t0:.0f} s; checkpoint: {path.resolve()}")
+
+
+def _load_arch(path):
+    """An architecture entry saved by `salience discover --json` (None: the built-in table)."""
+    if path is None:
+        return None
+    import json
+
+    from .arch import arch_from_dict
+    return arch_from_dict(json.loads(Path(path).read_text()))
+
+
+def cmd_discover(a):
+    import json
+
+    import torch
+
+    from .arch import arch_to_dict
+    from .discover import arch_to_python, discover
+    from .models import load_fp
+
+    m, _, _ = load_fp(a.model, dtype=torch.float32, allow_pickle=a.allow_pickle,
+                      trust_remote_code=a.trust_remote_code)  # fp32: the fold tests compare to 1e-4
+    arch = discover(m, n_rows=a.rows, seqlen=a.seqlen)
+    name = a.model_type or m.config.model_type
+    print(f"# scaling groups found for {name} ({type(m).__name__}); paste into ARCHS in salience/arch.py")
+    print(arch_to_python(arch, name))
+    if a.json:
+        Path(a.json).write_text(json.dumps(arch_to_dict(arch), indent=2))
+        print(f"# saved as JSON to {a.json}: salience quantize --arch {a.json} ...")
 
 
 def _table(rows):
@@ -171,7 +202,22 @@ def build_parser():
     q.add_argument("--prompt", help="print a greedy generation from the written checkpoint")
     q.add_argument("--max-new-tokens", type=int, default=40)
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--arch", help="architecture entry saved by `salience discover --json` (for a model_type "
+                   "the built-in table lacks)")
     q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser("discover", help="find the scaling groups of an architecture from one forward pass",
+                       description="Trace one forward pass of each block on random tokens, keep the scaling "
+                       "groups whose fold is exact, and print them as a table entry (Python for "
+                       "salience/arch.py; --json to save one for `salience quantize --arch`).")
+    v.add_argument("model", help="model folder, .gguf file, or hub id")
+    v.add_argument("--json", help="also save the entry as JSON here")
+    v.add_argument("--model-type", help="name of the entry (default: config.model_type)")
+    v.add_argument("--rows", type=int, default=2, help="random token rows (default 2)")
+    v.add_argument("--seqlen", type=int, default=32, help="tokens per row (default 32)")
+    v.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+    v.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
+    v.set_defaults(func=cmd_discover)
 
     d = sub.add_parser("demo", help="quantize the embedded SmolLM2 (AWQ w4 g64), compare perplexity, generate",
                        description="The main job on the embedded default: AWQ w4 g64 SmolLM2-135M calibrated on "

@@ -1,0 +1,160 @@
+"""Structure discovery: on every architecture of the table it finds the table's groups; a made-up
+architecture defined here quantizes with no table entry."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salience import api, moe
+from salience.arch import ARCHS, Arch, arch_for, arch_from_dict, arch_to_dict, get_module
+from salience.discover import arch_to_python, collapse, discover, group_key
+from salience.quant import QuantConfig
+from salience.quantize import _group_applies, block_groups
+
+from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_vlm
+
+
+def _table_keys(model, arch: Arch):
+    """The table's groups that apply to some block of `model`, wildcards for expert indices."""
+    keys = set()
+    for block in get_module(model, arch.layers):
+        moe.unfuse(block, arch)
+        keys |= {group_key(g) for g in collapse(g for g in block_groups(block, arch) if _group_applies(block, g))}
+    return keys
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS) + [f"vlm:{k}" for k in sorted(VLM_CONFIGS)])
+def test_discovery_finds_the_table(model_type):
+    if model_type.startswith("vlm:"):
+        m = tiny_vlm(model_type[4:])
+    else:
+        m = tiny_model(model_type)
+    arch = arch_for(m.config)
+    found = discover(m, experts=arch.experts)  # experts: the table's names for the unfused linears
+    assert found.layers == arch.layers
+    assert {group_key(g) for g in found.groups} == _table_keys(m, arch)
+    assert found.norm_plus_one == arch.norm_plus_one
+    assert set(found.not_convert) <= set(arch.not_convert)
+
+
+# ---- a made-up architecture: RMS norms computing x * (1 + w); norm -> q and fused kv; v half of kv ->
+# proj (attention by hand); norm -> fused [gate; up] -> SwiGLU -> out. No entry in the table.
+
+class _Norm1p(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(h) * 0.1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class _Attn(nn.Module):
+    def __init__(self, h, heads):
+        super().__init__()
+        self.heads = heads
+        self.wq = nn.Linear(h, h)
+        self.wkv = nn.Linear(h, 2 * h)
+        self.proj = nn.Linear(h, h)
+
+    def forward(self, x):
+        b, t, h = x.shape
+        q = self.wq(x)
+        k, v = self.wkv(x).chunk(2, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, h))
+
+
+class _Block(nn.Module):
+    def __init__(self, h=64, heads=4, f=128, mixed_norms=False):
+        super().__init__()
+        self.ln_a = nn.LayerNorm(h) if mixed_norms else _Norm1p(h)
+        self.attn = _Attn(h, heads)
+        self.ln_b = _Norm1p(h)
+        self.ffn = nn.ModuleDict({"fc_in": nn.Linear(h, 2 * f, bias=False), "fc_out": nn.Linear(f, h, bias=False)})
+
+    def forward(self, x, **kwargs):
+        x = x + self.attn(self.ln_a(x))
+        g, u = self.ffn["fc_in"](self.ln_b(x)).chunk(2, dim=-1)
+        return x + self.ffn["fc_out"](F.silu(g) * u)
+
+
+class _Trunk(nn.Module):
+    def __init__(self, vocab=300, h=64, n=2, mixed_norms=False):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, h)
+        self.blocks = nn.ModuleList(_Block(h, mixed_norms=mixed_norms) for _ in range(n))
+        self.ln_f = nn.LayerNorm(h)
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def forward(self, input_ids, **kwargs):
+        x = self.wte(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.ln_f(x)
+
+
+class ToyLM(nn.Module):
+    def __init__(self, mixed_norms=False):
+        super().__init__()
+        self.trunk = _Trunk(mixed_norms=mixed_norms)
+        self.head = nn.Linear(64, 300, bias=False)
+
+    @property
+    def base_model(self):
+        return self.trunk
+
+    def get_input_embeddings(self):
+        return self.trunk.wte
+
+    def forward(self, input_ids):
+        return self.head(self.trunk(input_ids))
+
+
+def test_made_up_architecture_discovered_and_quantized():
+    torch.manual_seed(0)
+    m = ToyLM().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        m.trunk.wte.weight[:, :3] *= 30  # salient channels: AWQ must beat RTN
+    arch = discover(m)
+    print(arch_to_python(arch, "toy"))
+    assert arch.layers == "trunk.blocks" and arch.norm_plus_one
+    assert {group_key(g) for g in arch.groups} == {
+        ("ln_a", frozenset({"attn.wq", "attn.wkv"}), "attn", None, frozenset()),
+        ("attn.wkv", frozenset({"attn.proj"}), "attn.proj", (1, 2), frozenset()),  # v half of [k; v]
+        ("ln_b", frozenset({"ffn.fc_in"}), "ffn.fc_in", None, frozenset()),  # the ModuleDict is never called
+        ("ffn.fc_in", frozenset({"ffn.fc_out"}), "ffn.fc_out", (1, 2), frozenset()),  # up half of [gate; up]
+    }
+    ids = torch.randint(0, 300, (16, 32))
+    with torch.no_grad():
+        ref = m(ids)
+    errs = {}
+    for method in ("rtn", "awq"):
+        q = api.clone(m)
+        reports = api.fake_quantize(q, QuantConfig(4, 32), method, ids if method == "awq" else None, device="cpu",
+                                    dtype=torch.float32, progress=False, arch=arch)
+        with torch.no_grad():
+            errs[method] = float(((q(ids) - ref) ** 2).mean())
+    assert len(reports[0]["groups"]) == len(arch.groups)
+    assert errs["awq"] < errs["rtn"]
+
+
+def test_norms_folding_differently_are_refused():
+    with pytest.raises(ValueError, match="norms fold differently"):
+        discover(ToyLM(mixed_norms=True).eval())
+
+
+def test_entry_round_trips_as_json_and_python():
+    arch = ARCHS["qwen2_moe"]
+    assert arch_from_dict(arch_to_dict(arch)) == arch
+    from salience.arch import Experts, ScaleGroup  # noqa: F401  (names the printed entry uses)
+    code = arch_to_python(arch, "qwen2_moe")
+    entry = eval("{" + code + "}")["qwen2_moe"]
+    assert entry.groups == arch.groups and entry.experts == arch.experts and entry.not_convert == arch.not_convert
