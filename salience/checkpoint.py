@@ -170,11 +170,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
         dtype = getattr(torch, dtype)
     shapes = _tensor_shapes(path)
     # the class that was quantized (a VLM's ...ForConditionalGeneration, not its text-only CausalLM)
+    # (a class registered with AutoModelForCausalLM by the user is not in transformers' namespace: the
+    # auto class maps its config to it, or raises naming what it supports)
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else AutoModelForCausalLM
-    if cls is None:
-        raise CheckpointError(f"{path}: config.json names the class {names[0]!r}, which this transformers "
-                              f"({transformers.__version__}) does not have")
+    cls = (getattr(transformers, names[0], None) if names else None) or AutoModelForCausalLM
     with params_on_meta():
         model = cls.from_config(config, dtype=dtype) if cls is AutoModelForCausalLM \
             else cls._from_config(config, dtype=dtype)

@@ -1,18 +1,25 @@
 """Structure discovery: on every architecture of the table it finds the table's groups; a made-up
 architecture defined here quantizes with no table entry."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from salience import api, moe
-from salience.arch import ARCHS, Arch, arch_for, arch_from_dict, arch_to_dict, get_module
+from salience.arch import ARCHS, Arch, UnsupportedArchitecture, arch_for, arch_from_dict, arch_to_dict, get_module
+from salience.checkpoint import ARCH, load_quantized
+from salience.cli import main
+from salience.nn import QuantLinear
 from salience.discover import arch_to_python, collapse, discover, group_key
 from salience.quant import QuantConfig
 from salience.quantize import _group_applies, block_groups
 
-from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_vlm
+from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_tokenizer, tiny_vlm
 
 
 def _table_keys(model, arch: Arch):
@@ -158,3 +165,84 @@ def test_entry_round_trips_as_json_and_python():
     code = arch_to_python(arch, "qwen2_moe")
     entry = eval("{" + code + "}")["qwen2_moe"]
     assert entry.groups == arch.groups and entry.experts == arch.experts and entry.not_convert == arch.not_convert
+
+
+# ---- the same made-up blocks as a Hugging Face model (registered with the auto classes, saved to a folder):
+# the command line end to end, discover -> JSON -> quantize --arch -> reload
+
+class ToyConfig(transformers.PretrainedConfig):
+    model_type = "salience_toy"
+
+    def __init__(self, vocab_size=320, hidden_size=64, num_hidden_layers=2, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class _ToyPre(transformers.PreTrainedModel):
+    config_class = ToyConfig
+    base_model_prefix = "trunk"
+
+
+class ToyTrunk(_ToyPre):
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(_Block(config.hidden_size) for _ in range(config.num_hidden_layers))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def forward(self, input_ids, **kwargs):
+        x = self.wte(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        return BaseModelOutput(last_hidden_state=x)
+
+
+class ToyForCausalLM(_ToyPre):
+    def __init__(self, config):
+        super().__init__(config)
+        self.trunk = ToyTrunk(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.trunk.wte
+
+    def forward(self, input_ids, **kwargs):
+        return CausalLMOutput(logits=self.head(self.trunk(input_ids).last_hidden_state))
+
+
+def test_cli_discover_then_quantize_unknown_architecture(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SALIENCE_CACHE", str(tmp_path / "cache"))
+    if "salience_toy" not in transformers.CONFIG_MAPPING:
+        transformers.AutoConfig.register("salience_toy", ToyConfig)
+        transformers.AutoModelForCausalLM.register(ToyConfig, ToyForCausalLM)
+    torch.manual_seed(0)
+    m = ToyForCausalLM(ToyConfig()).eval()
+    with pytest.raises(UnsupportedArchitecture, match="salience discover"):
+        arch_for(m.config)
+    folder, entry, out = tmp_path / "toy", tmp_path / "toy-arch.json", tmp_path / "toy-awq"
+    m.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"story {i}: the quick brown fox jumps over the lazy dog." * 4 for i in range(40)))
+
+    assert main(["discover", str(folder), "--json", str(entry)]) == 0
+    printed = capsys.readouterr().out
+    assert '"salience_toy": Arch(' in printed and "ScaleGroup('attn.wkv', ('attn.proj',), 'attn.proj', " \
+        "prev_chunk=(1, 2))" in printed
+    arch = arch_from_dict(json.loads(entry.read_text()))
+    assert len(arch.groups) == 4 and arch.norm_plus_one
+
+    assert main(["quantize", "--model", str(folder), "--arch", str(entry), "--calib", str(text), "--calib-rows",
+                 "8", "--seqlen", "32", "--group-size", "32", "--dtype", "float32", "--out", str(out)]) == 0
+    assert arch_from_dict(json.loads((out / ARCH).read_text())) == arch
+    qm, _ = load_quantized(out, dtype=torch.float32)
+    assert type(qm) is ToyForCausalLM
+    assert sum(isinstance(x, QuantLinear) for x in qm.modules()) == 2 * 5
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        ref, q = m(ids).logits, qm(ids).logits
+    assert torch.isfinite(q).all() and ((q - ref).norm() / ref.norm()) < 0.2
