@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from . import moe
-from .arch import Arch, arch_for, arch_to_dict, get_module
+from .arch import Arch, arch_for, arch_to_dict, disk_name, get_module
 from .awq import SearchConfig
 from .checkpoint import (ARCH, CheckpointWriter, block_tensors, load_quantized, not_converted, quant_config,
                          rest_tensors)
@@ -93,10 +93,13 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
         rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
     t_data = time.time() - t_data
     writer = CheckpointWriter(out, overwrite=overwrite)
-    writer.add(rest_tensors(m, arch.layers, save_dtype))
+    def add(tensors):
+        writer.add({disk_name(arch, k): v for k, v in tensors.items()})
+
+    add(rest_tensors(m, arch.layers, save_dtype))
 
     def on_block(res, block):
-        writer.add(block_tensors(f"{arch.layers}.{res.index}.", block, res, save_dtype))
+        add(block_tensors(f"{arch.layers}.{res.index}.", block, res, save_dtype))
         writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
 
     t_q = time.time()

@@ -72,6 +72,9 @@ class Arch:
     not_convert: tuple[str, ...] = ()
     # Model-level modules left in 16 bits and outside the blocks (VLM vision tower, projector).
     not_convert_model: tuple[str, ...] = ()
+    # (name in transformers' module tree, name in the checkpoint) substrings, where the family's published
+    # checkpoints (and vLLM) use other names than transformers >= 5 (Mixtral: block_sparse_moe -> mlp).
+    disk_names: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA = Arch(
@@ -183,10 +186,11 @@ _QWEN_MOE = Arch(
 )
 
 ARCHS.update({
-    # Mixtral's original checkpoints name the experts w1 (gate), w3 (up), w2 (down)
+    # Mixtral's published checkpoints name the MoE block block_sparse_moe (transformers >= 5: mlp) and the
+    # experts w1 (gate), w3 (up), w2 (down); the checkpoint keeps those names, as vLLM reads them
     "mixtral": Arch(layers="model.layers", groups=_ATTN + _moe("mlp.experts", "w1", "w3", "w2"),
                     no_clip=_LLAMA.no_clip, experts=Experts("mlp.experts", "w1", "w3", "w2"),
-                    not_convert=("mlp.gate",)),
+                    not_convert=("mlp.gate",), disk_names=((".mlp.", ".block_sparse_moe."),)),
     "qwen2_moe": _QWEN_MOE,  # shared expert with a sigmoid gate: the gate is compensated, not quantized
     "qwen3_moe": Arch(layers="model.layers", groups=_ATTN + _moe("mlp.experts", "gate_proj", "up_proj",
                                                                  "down_proj"),
@@ -255,6 +259,13 @@ def arch_for(config) -> Arch:
     return ARCHS[mt]
 
 
+def disk_name(arch: Arch, name: str, reverse: bool = False) -> str:
+    """A tensor or module name in the checkpoint (reverse: in transformers' module tree)."""
+    for a, b in arch.disk_names:
+        name = name.replace(b, a) if reverse else name.replace(a, b)
+    return name
+
+
 def get_module(root, path: str):
     for part in path.split("."):
         root = getattr(root, part)
@@ -275,4 +286,5 @@ def arch_from_dict(d: dict) -> Arch:
     return Arch(layers=d["layers"], groups=groups, norm_plus_one=d.get("norm_plus_one", False),
                 no_clip=tuple(d.get("no_clip", ())), dtype=d.get("dtype", "float16"),
                 notes=tuple(d.get("notes", ())), experts=experts, not_convert=tuple(d.get("not_convert", ())),
-                not_convert_model=tuple(d.get("not_convert_model", ())))
+                not_convert_model=tuple(d.get("not_convert_model", ())),
+                disk_names=tuple(tuple(p) for p in d.get("disk_names", ())))

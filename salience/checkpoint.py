@@ -116,7 +116,8 @@ def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict
 def not_converted(arch) -> list[str]:
     """modules_to_not_convert: lm_head, the model-level 16-bit modules (VLM vision tower, projector) and the
     blocks' (routers, shared-expert gates; loaders match these names as suffixes)."""
-    return ["lm_head", *arch.not_convert_model, *arch.not_convert]
+    from .arch import disk_name
+    return ["lm_head", *(disk_name(arch, f".{n}")[1:] for n in (*arch.not_convert_model, *arch.not_convert))]
 
 
 def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict:
@@ -152,7 +153,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import UnsupportedArchitecture, arch_for, arch_from_dict, get_module
+    from .arch import UnsupportedArchitecture, arch_for, arch_from_dict, disk_name, get_module
     from .moe import unfuse
 
     path = Path(path)
@@ -187,6 +188,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     if arch is not None and arch.experts is not None:
         for block in get_module(model, arch.layers):
             unfuse(block, arch)  # the checkpoint holds one AWQ linear per expert
+    # module-tree name -> name in the file (they differ where the family's checkpoints use other names)
+    file_key = {disk_name(arch, k, reverse=True) if arch is not None else k: k for k in shapes}
+    shapes = {k: shapes[fk] for k, fk in file_key.items()}
     for name in [k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")]:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)
@@ -203,7 +207,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     for f, keys in by_file.items():
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
-                t = sf.get_tensor(k)
+                t = sf.get_tensor(file_key[k])
                 sd[k] = t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t
     expected = model.state_dict()
     for k, t in sd.items():

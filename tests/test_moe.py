@@ -96,8 +96,9 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
         with safe_open(out / f, "pt") as sf:
             tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
     assert router_w
+    mlp = "block_sparse_moe" if model_type == "mixtral" else "mlp"  # Mixtral's published (and vLLM's) names
     for i, w0 in router_w.items():
-        p = f"model.layers.{i}.mlp"
+        p = f"model.layers.{i}.{mlp}"
         for x in range(n_exp):
             for proj in (e.gate, e.up, e.down):
                 for t in ("qweight", "qzeros", "scales"):
@@ -107,7 +108,8 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
         s = search[s_key]
         torch.testing.assert_close(tensors[f"{p}.gate.weight"].float(), (w0 * s[None, :]).half().float())
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"]["modules_to_not_convert"] == ["lm_head", *arch.not_convert]
+    assert cfg["quantization_config"]["modules_to_not_convert"] == \
+        ["lm_head", *(n.replace("mlp.", f"{mlp}.") for n in arch.not_convert)]
     if model_type == "qwen2_moe":  # the dense layer 1 and the shared expert are quantized too
         assert "model.layers.1.mlp.down_proj.qweight" in keys
         assert "model.layers.0.mlp.shared_expert.down_proj.qweight" in keys
