@@ -107,7 +107,7 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress, arch)
     t_q = time.time() - t_q
     config = m.config.to_dict()
-    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch))
+    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch, m))
     config["dtype"] = arch.dtype
     config["architectures"] = [type(m).__name__]  # the class that loads it back (a VLM's, not a CausalLM)
     config.pop("torch_dtype", None)

@@ -113,11 +113,23 @@ def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict
             if not k.startswith(layers_path + ".") and k not in skip}
 
 
-def not_converted(arch) -> list[str]:
-    """modules_to_not_convert: lm_head, the model-level 16-bit modules (VLM vision tower, projector) and the
-    blocks' (routers, shared-expert gates; loaders match these names as suffixes)."""
-    from .arch import disk_name
-    return ["lm_head", *(disk_name(arch, f".{n}")[1:] for n in (*arch.not_convert_model, *arch.not_convert))]
+def not_converted(arch, model) -> list[str]:
+    """modules_to_not_convert: lm_head, the model-level 16-bit modules (VLM vision tower, projector) and each
+    block's (routers, shared-expert gates) by full name. Full names because loaders match differently:
+    transformers by prefix or suffix, vLLM and AutoAWQ by substring, where "mlp.gate" would also match a
+    dense layer's "mlp.gate_up_proj"; "model.layers.3.mlp.gate" matches only that router."""
+    from .arch import disk_name, get_module
+
+    names = ["lm_head", *arch.not_convert_model]
+    for i, block in enumerate(get_module(model, arch.layers)):
+        for n in arch.not_convert:
+            try:
+                present = get_module(block, n) is not None
+            except AttributeError:
+                present = False
+            if present:
+                names.append(disk_name(arch, f"{arch.layers}.{i}.{n}"))
+    return names
 
 
 def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict:

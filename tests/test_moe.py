@@ -108,8 +108,16 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
         s = search[s_key]
         torch.testing.assert_close(tensors[f"{p}.gate.weight"].float(), (w0 * s[None, :]).half().float())
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"]["modules_to_not_convert"] == \
-        ["lm_head", *(n.replace("mlp.", f"{mlp}.") for n in arch.not_convert)]
+    # full names of the routers (and shared-expert gates) of the MoE layers only
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["lm_head"] + [
+        f"model.layers.{i}.{n.replace('mlp.', mlp + '.')}" for i in router_w for n in arch.not_convert]
+    # no quantized linear is excluded by any loader's rule: transformers (prefix/suffix), vLLM/AutoAWQ (substring)
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    skip = cfg["quantization_config"]["modules_to_not_convert"]
+    for name in (k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
+        assert should_convert_module(name, skip) and not any(x in name for x in skip), name
+    for name in skip[1:]:  # and every listed router is excluded by both rules
+        assert not should_convert_module(name, skip) and f"{name}.weight" in keys
     if model_type == "qwen2_moe":  # the dense layer 1 and the shared expert are quantized too
         assert "model.layers.1.mlp.down_proj.qweight" in keys
         assert "model.layers.0.mlp.shared_expert.down_proj.qweight" in keys
