@@ -280,11 +280,12 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     if no_tokens:
         report["no_calibration_tokens"] = no_tokens
         warnings.warn(f"block {index}: no calibration token reached {', '.join(no_tokens)}; quantized from the "
-                      "weights alone (no scale or clip search)", stacklevel=2)
+                      "weights alone (no search of their own)", stacklevel=2)
     if scfg is not None:
         for g in groups:
             if not _group_applies(block, g):  # optional: shapes disagree, or a dense/MoE alternative
-                report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
+                if all(_has(block, n) for n in (g.prev, *g.linears)):  # report shape mismatches only
+                    report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
                 continue
             if not any(stats.has(n) for n in g.linears):
                 continue  # an expert without tokens: nothing to measure, listed in no_calibration_tokens
