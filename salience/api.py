@@ -11,12 +11,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import moe
+from . import __version__, moe
 from .arch import Arch, arch_for, arch_to_dict, disk_name, get_module
 from .awq import SearchConfig
-from .checkpoint import (ARCH, CheckpointWriter, block_tensors, load_quantized, not_converted, quant_config,
-                         rest_tensors)
+from .checkpoint import (
+    ARCH,
+    CheckpointWriter,
+    block_tensors,
+    load_quantized,
+    not_converted,
+    quant_config,
+    rest_tensors,
+)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .models import is_quantized_checkpoint, load_fp, resolve

@@ -154,8 +154,9 @@ ARCHS: dict[str, Arch] = {
 _ATTN = _LLAMA.groups[:2]
 
 
-def _moe(prefix: str, gate: str, up: str, down: str, shared: str | None = None, shared_gate: str | None = None,
-         router: str = "mlp.gate", norm: str = "post_attention_layernorm") -> tuple[ScaleGroup, ...]:
+def _moe(prefix: str, gate: str, up: str, down: str, shared: str | None = None,
+         shared_gate: str | None = None, router: str = "mlp.gate",
+         norm: str = "post_attention_layernorm") -> tuple[ScaleGroup, ...]:
     """Scaling groups of a sparse MoE MLP (and, optional, of the dense MLP some layers use instead)."""
     e = f"{prefix}.*"
     first = (f"{e}.{gate}", f"{e}.{up}")
@@ -210,13 +211,14 @@ ARCHS.update({
             ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn"),
         ) + _moe("mlp.experts", "gate_proj", "up_proj", "down_proj", shared="mlp.shared_experts"),
         # q and the rope part of k are shaped by softmax: no clip search (reference behaviour for q/k)
-        no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa"),
+        no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj",
+                 "self_attn.kv_a_proj_with_mqa"),
         experts=Experts("mlp.experts"),
         not_convert=("mlp.gate",),
     ),
 })
 
-# ---- vision-language models ----------------------------------------------------------------------------------
+# ---- vision-language models ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ def get_module(root, path: str):
     return root
 
 
-# ---- an entry as JSON (salience discover --json; salience_arch.json in a checkpoint) ------------------------
+# ---- an entry as JSON (salience discover --json; salience_arch.json in a checkpoint) ----------------------
 
 def arch_to_dict(arch: Arch) -> dict:
     return json.loads(json.dumps(asdict(arch)))  # tuples -> lists
@@ -280,8 +282,8 @@ def arch_to_dict(arch: Arch) -> dict:
 
 def arch_from_dict(d: dict) -> Arch:
     groups = tuple(ScaleGroup(g["prev"], tuple(g["linears"]), g["inspect"],
-                              tuple(g["prev_chunk"]) if g.get("prev_chunk") else None, g.get("optional", False),
-                              tuple(g.get("compensate", ()))) for g in d["groups"])
+                              tuple(g["prev_chunk"]) if g.get("prev_chunk") else None,
+                              g.get("optional", False), tuple(g.get("compensate", ()))) for g in d["groups"])
     experts = Experts(**d["experts"]) if d.get("experts") else None
     return Arch(layers=d["layers"], groups=groups, norm_plus_one=d.get("norm_plus_one", False),
                 no_clip=tuple(d.get("no_clip", ())), dtype=d.get("dtype", "float16"),

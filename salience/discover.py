@@ -100,7 +100,8 @@ class _Trace:
         def fn(module, args, out):
             self.order.setdefault(name, len(self.order))
             if self.kind[name] in ("linear", "router") and args:
-                self.inputs.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+                x = args[0].detach()
+                self.inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
             if self.kind[name] in ("norm", "linear") and isinstance(out, torch.Tensor):
                 self.outputs.setdefault(name, []).append(out.detach().reshape(-1, out.shape[-1]).float())
         return fn
@@ -121,7 +122,8 @@ class _Trace:
         lin = members[0]
         parent = lin.rpartition(".")[0]
         out = self.parent_out.get(parent)
-        if not parent or out is None or (out.shape == self.outputs[lin].shape and torch.equal(out, self.outputs[lin])):
+        own = self.outputs[lin]
+        if not parent or out is None or (out.shape == own.shape and torch.equal(out, own)):
             return lin
         return parent
 
@@ -306,11 +308,11 @@ def discover(model: nn.Module, experts: Experts | None = None, n_rows: int = 2, 
     not_convert = tuple(dict.fromkeys(c for gr in merged for c in gr.compensate))
     return Arch(layers=layers_path, groups=tuple(merged), norm_plus_one=any(plus_one.values()),
                 experts=spec, not_convert=not_convert,
-                notes=("found by salience.discover: check no_clip (q/k linears) and dtype (bfloat16 if fp16 "
-                       "overflows) by hand",))
+                notes=(("found by salience.discover: check no_clip (q/k linears) and dtype (bfloat16 if fp16 "
+                        "overflows) by hand"),))
 
 
-# ---- saving an entry -----------------------------------------------------------------------------------------
+# ---- saving an entry ---------------------------------------------------------------------------------------
 
 def arch_to_python(arch: Arch, model_type: str) -> str:
     """The entry as Python to paste into salience/arch.py's ARCHS."""

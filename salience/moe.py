@@ -62,7 +62,8 @@ def _check_layout(fused: nn.Module, path: str):
     if any(layout[k] is not None and layout[k] != v for k, v in want.items()) or \
             getattr(fused, "gate_up_proj", None) is None or getattr(fused, "down_proj", None) is None:
         raise NotImplementedError(f"{path}: fused experts layout {layout} ({type(fused).__name__}) is not "
-                                  f"supported; supported: {want} with gate_up_proj [E, 2I, H], down_proj [E, H, I]")
+                                  f"supported; supported: {want} with gate_up_proj [E, 2I, H], "
+                                  "down_proj [E, H, I]")
 
 
 @torch.no_grad()

@@ -279,8 +279,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     no_tokens = sorted(n for n in lins if scfg is not None and not stats.has(n))
     if no_tokens:
         report["no_calibration_tokens"] = no_tokens
-        warnings.warn(f"block {index}: no calibration token reached {', '.join(no_tokens)}; quantized from the "
-                      "weights alone (no search of their own)", stacklevel=2)
+        warnings.warn(f"block {index}: no calibration token reached {', '.join(no_tokens)}; quantized from "
+                      "the weights alone (no search of their own)", stacklevel=2)
     if scfg is not None:
         for g in groups:
             if not _group_applies(block, g):  # optional: shapes disagree, or a dense/MoE alternative

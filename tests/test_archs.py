@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny import CONFIGS, tiny_model, tiny_tokenizer
 
 from salience import api, moe
 from salience.arch import ARCHS, UnsupportedArchitecture, arch_for, get_module
@@ -13,8 +14,6 @@ from salience.checkpoint import INDEX, REPORT, load_quantized, not_converted
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 from salience.quantize import _group_applies, apply_scale, block_groups, quantizable_linears
-
-from tiny import CONFIGS, tiny_model, tiny_tokenizer
 
 
 def test_every_table_entry_has_a_tiny_config():

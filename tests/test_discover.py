@@ -7,19 +7,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_tokenizer, tiny_vlm
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from salience import api, moe
-from salience.arch import ARCHS, Arch, UnsupportedArchitecture, arch_for, arch_from_dict, arch_to_dict, get_module
+from salience.arch import (
+    ARCHS,
+    Arch,
+    UnsupportedArchitecture,
+    arch_for,
+    arch_from_dict,
+    arch_to_dict,
+    get_module,
+)
 from salience.checkpoint import ARCH, load_quantized
 from salience.cli import main
-from salience.nn import QuantLinear
 from salience.discover import arch_to_python, collapse, discover, group_key
+from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 from salience.quantize import _group_applies, block_groups
-
-from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_tokenizer, tiny_vlm
 
 
 def _table_keys(model, arch: Arch):
@@ -27,7 +34,8 @@ def _table_keys(model, arch: Arch):
     keys = set()
     for block in get_module(model, arch.layers):
         moe.unfuse(block, arch)
-        keys |= {group_key(g) for g in collapse(g for g in block_groups(block, arch) if _group_applies(block, g))}
+        applied = [g for g in block_groups(block, arch) if _group_applies(block, g)]
+        keys |= {group_key(g) for g in collapse(applied)}
     return keys
 
 
@@ -80,7 +88,8 @@ class _Block(nn.Module):
         self.ln_a = nn.LayerNorm(h) if mixed_norms else _Norm1p(h)
         self.attn = _Attn(h, heads)
         self.ln_b = _Norm1p(h)
-        self.ffn = nn.ModuleDict({"fc_in": nn.Linear(h, 2 * f, bias=False), "fc_out": nn.Linear(f, h, bias=False)})
+        self.ffn = nn.ModuleDict({"fc_in": nn.Linear(h, 2 * f, bias=False),
+                                  "fc_out": nn.Linear(f, h, bias=False)})
 
     def forward(self, x, **kwargs):
         x = x + self.attn(self.ln_a(x))
@@ -145,8 +154,8 @@ def test_made_up_architecture_discovered_and_quantized():
     errs = {}
     for method in ("rtn", "awq"):
         q = api.clone(m)
-        reports = api.fake_quantize(q, QuantConfig(4, 32), method, ids if method == "awq" else None, device="cpu",
-                                    dtype=torch.float32, progress=False, arch=arch)
+        reports = api.fake_quantize(q, QuantConfig(4, 32), method, ids if method == "awq" else None,
+                                    device="cpu", dtype=torch.float32, progress=False, arch=arch)
         with torch.no_grad():
             errs[method] = float(((q(ids) - ref) ** 2).mean())
     assert len(reports[0]["groups"]) == len(arch.groups)
@@ -164,7 +173,7 @@ def test_entry_round_trips_as_json_and_python():
     from salience.arch import Experts, ScaleGroup  # noqa: F401  (names the printed entry uses)
     code = arch_to_python(arch, "qwen2_moe")
     entry = eval("{" + code + "}")["qwen2_moe"]
-    assert entry.groups == arch.groups and entry.experts == arch.experts and entry.not_convert == arch.not_convert
+    assert (entry.groups, entry.experts, entry.not_convert) == (arch.groups, arch.experts, arch.not_convert)
 
 
 # ---- the same made-up blocks as a Hugging Face model (registered with the auto classes, saved to a folder):
@@ -227,7 +236,7 @@ def test_cli_discover_then_quantize_unknown_architecture(tmp_path, monkeypatch, 
     m.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(f"story {i}: the quick brown fox jumps over the lazy dog." * 4 for i in range(40)))
+    text.write_text("\n\n".join(f"story {i}: the quick brown fox jumps over the dog." * 4 for i in range(40)))
 
     assert main(["discover", str(folder), "--json", str(entry)]) == 0
     printed = capsys.readouterr().out
@@ -236,8 +245,9 @@ def test_cli_discover_then_quantize_unknown_architecture(tmp_path, monkeypatch, 
     arch = arch_from_dict(json.loads(entry.read_text()))
     assert len(arch.groups) == 4 and arch.norm_plus_one
 
-    assert main(["quantize", "--model", str(folder), "--arch", str(entry), "--calib", str(text), "--calib-rows",
-                 "8", "--seqlen", "32", "--group-size", "32", "--dtype", "float32", "--out", str(out)]) == 0
+    assert main(["quantize", "--model", str(folder), "--arch", str(entry), "--calib", str(text),
+                 "--calib-rows", "8", "--seqlen", "32", "--group-size", "32", "--dtype", "float32",
+                 "--out", str(out)]) == 0
     assert arch_from_dict(json.loads((out / ARCH).read_text())) == arch
     qm, _ = load_quantized(out, dtype=torch.float32)
     assert type(qm) is ToyForCausalLM

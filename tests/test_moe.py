@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import tiny_model, tiny_tokenizer
 
 from salience import api, moe
 from salience.arch import ARCHS, arch_for, get_module
@@ -13,8 +14,6 @@ from salience.checkpoint import INDEX, SEARCH, load_quantized
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig, compute_qparams, dequantize, quantize
 from salience.quantize import _group_applies, apply_scale, block_groups
-
-from tiny import tiny_model, tiny_tokenizer
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 
@@ -24,10 +23,11 @@ def _routing(model, ids):
     arch = arch_for(model.config)
     out, handles = {}, []
     for i, block in enumerate(get_module(model, arch.layers)):
-        router = getattr(getattr(block, "mlp"), "gate", None)
+        router = getattr(block.mlp, "gate", None)
         if router is None or isinstance(router, torch.nn.Linear):
             continue  # dense layer
-        handles.append(router.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, o[2].sort(-1)[0])))
+        handles.append(router.register_forward_hook(
+            lambda m, a, o, i=i: out.__setitem__(i, o[2].sort(-1)[0])))  # o = (logits, weights, indices)
     with torch.no_grad():
         model(ids)
     for h in handles:
@@ -81,7 +81,7 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
     m = tiny_model(model_type)
     arch = ARCHS[model_type]
     router_w = {i: b.mlp.gate.weight.detach().clone() for i, b in enumerate(m.model.layers)
-                if not isinstance(b.mlp.gate if hasattr(b.mlp, "gate") else None, (torch.nn.Linear, type(None)))}
+                if hasattr(b.mlp, "experts")}  # MoE layers (not the dense ones)
     n_exp = next(b.mlp.experts.num_experts for b in m.model.layers if hasattr(b.mlp, "experts"))
     out = tmp_path / "ckpt"
     api.quantize(None, out, QuantConfig(4, 32), "awq", _calib(tmp_path), n_rows=8, seqlen=32, device="cpu",
@@ -111,7 +111,8 @@ def test_driver_compensates_router_and_writes_every_expert(model_type, tmp_path)
     # full names of the routers (and shared-expert gates) of the MoE layers only
     assert cfg["quantization_config"]["modules_to_not_convert"] == ["lm_head"] + [
         f"model.layers.{i}.{n.replace('mlp.', mlp + '.')}" for i in router_w for n in arch.not_convert]
-    # no quantized linear is excluded by any loader's rule: transformers (prefix/suffix), vLLM/AutoAWQ (substring)
+    # no quantized linear is excluded by any loader's rule: transformers (prefix/suffix), vLLM and AutoAWQ
+    # (substring)
     from transformers.quantizers.quantizers_utils import should_convert_module
     skip = cfg["quantization_config"]["modules_to_not_convert"]
     for name in (k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
@@ -129,7 +130,6 @@ def test_expert_without_tokens_quantizes_from_weights_alone(tmp_path):
     down_proj untouched by any scale), with a warning naming them; the checkpoint reloads to the same
     logits as the fake-quantized model."""
     m = tiny_model("qwen3_moe")
-    arch = ARCHS["qwen3_moe"]
     with torch.no_grad():
         for b in m.model.layers:
             w = b.mlp.gate.weight  # [8, H]: logits of 0/1 and 2/3 are +-(x.d): one of each pair is > 0 = 4..7
@@ -140,8 +140,8 @@ def test_expert_without_tokens_quantizes_from_weights_alone(tmp_path):
     out = tmp_path / "ckpt"
     qcfg = QuantConfig(4, 32)
     with pytest.warns(UserWarning, match=r"no calibration token reached .*mlp\.experts\.4\.down_proj"):
-        _, fq, _ = api.quantize(None, out, qcfg, "awq", _calib(tmp_path), n_rows=8, seqlen=32,
-                                device="cpu", dtype=torch.float32, loaded=(m, tiny_tokenizer()), progress=False)
+        _, fq, _ = api.quantize(None, out, qcfg, "awq", _calib(tmp_path), n_rows=8, seqlen=32, device="cpu",
+                                dtype=torch.float32, loaded=(m, tiny_tokenizer()), progress=False)
     report = json.loads((out / "salience_report.json").read_text())
     for r in report["blocks"]:
         assert {f"mlp.experts.{x}.{p}" for x in range(4, 8) for p in ("gate_proj", "up_proj", "down_proj")} \

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import IMAGE, VLM_CONFIGS, tiny_tokenizer, tiny_vlm
 
 from salience import api
 from salience.arch import VLMS, arch_for, get_module
@@ -13,8 +14,6 @@ from salience.checkpoint import INDEX, load_quantized
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 from salience.quantize import quantizable_linears
-
-from tiny import IMAGE, VLM_CONFIGS, tiny_tokenizer, tiny_vlm
 
 
 def test_every_vlm_entry_has_a_tiny_config():
@@ -43,7 +42,8 @@ def test_vlm_quantize_and_reload(model_type, tmp_path):
               if any(k.startswith(p + ".") for p in arch.not_convert_model)}
     assert frozen
     calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))
+    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3
+                                 for i in range(40)))
     out = tmp_path / "ckpt"
     _, fq, _ = api.quantize(None, out, QuantConfig(4, 32), "awq", str(calib), n_rows=8, seqlen=32,
                             device="cpu", dtype=dtype, loaded=(m, tiny_tokenizer()), progress=False)

@@ -43,8 +43,8 @@ CONFIGS = {
     # groups, top-2 from the best group; one shared expert
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **_COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
-        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1),
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1),
 }
 
 
@@ -93,8 +93,9 @@ VLM_CONFIGS = {
         text_config=dict(**_TXT, rope_scaling=_MROPE, bos_token_id=1, eos_token_id=2),
         image_token_id=IMAGE, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
     "gemma3": lambda: transformers.Gemma3Config(
-        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                      num_attention_heads=2, image_size=28, patch_size=14),
+        vision_config=transformers.SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14),
         text_config=transformers.Gemma3TextConfig(**dict(_TXT, num_key_value_heads=1), head_dim=16,
                                                   sliding_window=8),
         mm_tokens_per_image=4, image_token_index=IMAGE),
