@@ -26,7 +26,9 @@ def _add_calib_args(p):
     p.add_argument("--formula", choices=["x", "duo", "both"], default="x",
                    help="scale formula: x_mean^a (llm-awq), x_mean^a / w_mean^(1-a) (AutoAWQ), or search both")
     p.add_argument("--alpha-one", action="store_true", help="also try alpha = 1")
-    p.add_argument("--clip-asym", action="store_true", help="shrink the min and max of the range separately")
+    p.add_argument("--clip-asym", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip search: shrink the min and max of the range separately (default), or "
+                   "--no-clip-asym for the reference's symmetric shrink")
     p.add_argument("--loss", choices=["output", "gram"], default="gram",
                    help="scale-search loss: the inspected module's output error (reference; attention and "
                    "MLP measured on --search-tokens tokens) or the group's linear-output error over all "

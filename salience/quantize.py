@@ -112,7 +112,10 @@ class _InputStats:
             if not torch.isfinite(x2).all():
                 raise NonFiniteActivation(f"non-finite (NaN/inf) activations at the input of {name}")
             a = x2.abs().float().sum(dim=0)
-            g = (x2.t() @ x2).float()  # in the compute dtype, accumulated in fp32 across batches
+            # X^T X sums up to n_tokens * max|x|^2: fp16 overflows (65504) long before fp32/bf16 would,
+            # so fp16 activations are upcast; bf16 keeps its fast matmul (same exponent range as fp32).
+            xg = x2.float() if x2.dtype == torch.float16 else x2
+            g = (xg.t() @ xg).float()  # accumulated in fp32 across batches
             if name in self.abs_sum:
                 self.abs_sum[name] += a
                 self.gram[name] += g
