@@ -256,3 +256,20 @@ def test_cli_discover_then_quantize_unknown_architecture(tmp_path, monkeypatch, 
     with torch.no_grad():
         ref, q = m(ids).logits, qm(ids).logits
     assert torch.isfinite(q).all() and ((q - ref).norm() / ref.norm()) < 0.2
+
+
+def test_discovery_on_granite_finds_llamas_groups():
+    """Granite (not in the table; multipliers on embeddings, attention, residuals, logits): discovery finds
+    exactly Llama's groups, the entry tests/test_new_family.py adds by hand."""
+    from tiny import _COMMON
+
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(**_COMMON, num_key_value_heads=4, residual_multiplier=0.5,
+                                     embedding_multiplier=4.0, attention_multiplier=0.2, logits_scaling=2.0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    found = discover(m)
+    assert {group_key(g) for g in found.groups} == {group_key(g) for g in ARCHS["llama"].groups}  # MHA: v -> o
