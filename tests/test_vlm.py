@@ -20,15 +20,19 @@ def test_every_vlm_entry_has_a_tiny_config():
     assert set(VLM_CONFIGS) == set(VLMS)
 
 
-def _image_inputs(model_type):
-    """input_ids with the image's placeholder tokens and pixel_values, for the families whose processor
-    layout is simple (one 28x28 image = 4 tokens); None for Qwen2-VL (patch-flattened pixels)."""
-    if model_type not in ("llava", "gemma3"):
-        return None
+def _image_inputs(model, model_type):
+    """Text with one tiny image, laid out as each family's processor would: LLaVA / Gemma 3 take a 28x28
+    image as 4 placeholder tokens; Qwen2-VL / Qwen2.5-VL take flattened 2x2 patches (grid 1x2x2, merged
+    2x2 into one token) after a vision-start token, with token types marking the image token."""
     torch.manual_seed(3)
     ids = torch.randint(3, 250, (1, 16))
-    ids[0, 2:6] = IMAGE
-    return dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
+    if model_type in ("llava", "gemma3"):
+        ids[0, 2:6] = IMAGE
+        return dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
+    v = model.config.vision_config
+    ids[0, 2], ids[0, 3] = model.config.vision_start_token_id, IMAGE
+    return dict(input_ids=ids, pixel_values=torch.randn(4, 3 * v.temporal_patch_size * v.patch_size ** 2),
+                image_grid_thw=torch.tensor([[1, 2, 2]]), mm_token_type_ids=(ids == IMAGE).long())
 
 
 @pytest.mark.parametrize("model_type", sorted(VLM_CONFIGS))
@@ -73,11 +77,11 @@ def test_vlm_quantize_and_reload(model_type, tmp_path):
             torch.testing.assert_close(b, a, rtol=0.02, atol=0.01)
         else:
             assert torch.equal(a, b)
-        img = _image_inputs(model_type)
-        if img is not None:  # the 16-bit vision path still works after reload
-            img["pixel_values"] = img["pixel_values"].to(dtype)
-            a, b = fq(**img).logits, qm(**img).logits
-            assert torch.isfinite(b).all()
-            torch.testing.assert_close(b, a, rtol=0.02, atol=0.01)
-            other = qm(**dict(img, pixel_values=-img["pixel_values"])).logits  # the image matters
-            assert not torch.allclose(other, b)
+        # the 16-bit vision path still works after reload, and the image matters
+        img = _image_inputs(qm, model_type)
+        img["pixel_values"] = img["pixel_values"].to(dtype)
+        a, b = fq(**img).logits, qm(**img).logits
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=0.02, atol=0.01)
+        other = qm(**dict(img, pixel_values=-img["pixel_values"])).logits
+        assert not torch.allclose(other, b)
