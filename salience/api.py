@@ -27,7 +27,7 @@ from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .models import is_quantized_checkpoint, load_fp, resolve
 from .quant import QuantConfig
-from .quantize import quantizable_linears, quantize_model
+from .quantize import fp32_names, quantizable_linears, quantize_model
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -99,13 +99,19 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
         rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
     t_data = time.time() - t_data
     writer = CheckpointWriter(out, overwrite=overwrite)
-    def add(tensors):
+    keep_fp32 = fp32_names(m)
+
+    def add(tensors, module, prefix=""):
+        # tensors the model class keeps in fp32 (DeepSeek-V3's router) are written in fp32
+        tensors.update({prefix + k: v.float() for k, v in module.state_dict().items()
+                        if v.is_floating_point() and keep_fp32(prefix + k) and prefix + k in tensors})
         writer.add({disk_name(arch, k): v for k, v in tensors.items()})
 
-    add(rest_tensors(m, arch.layers, save_dtype))
+    add(rest_tensors(m, arch.layers, save_dtype), m)
 
     def on_block(res, block):
-        add(block_tensors(f"{arch.layers}.{res.index}.", block, res, save_dtype))
+        prefix = f"{arch.layers}.{res.index}."
+        add(block_tensors(prefix, block, res, save_dtype), block, prefix)
         writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
 
     t_q = time.time()

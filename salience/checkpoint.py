@@ -212,6 +212,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
                                   f"config.json has {old}")
         setattr(model.get_submodule(parent), leaf,
                 QuantLinear(k, n8 * 8, old.bias is not None, group_size, dtype=dtype, device="meta"))
+    expected = model.state_dict()
     sd = {}
     by_file: dict[Path, list[str]] = {}
     for k, (f, _) in shapes.items():
@@ -220,8 +221,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
                 t = sf.get_tensor(file_key[k])
-                sd[k] = t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t
-    expected = model.state_dict()
+                # floating tensors take the dtype the model gives them (dtype, or fp32 where the class
+                # keeps a module in fp32); packed scales stay fp16
+                want = expected[k].dtype if k in expected and expected[k].is_floating_point() else dtype
+                sd[k] = t.to(want) if t.is_floating_point() and not k.endswith(".scales") else t
     for k, t in sd.items():
         if k in expected and tuple(expected[k].shape) != tuple(t.shape):
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, config.json implies "

@@ -12,6 +12,7 @@ which computes the masks and position embeddings each block expects (sliding/ful
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -361,6 +362,27 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
 
 # ---- the whole model ----------------------------------------------------------------------------------------
 
+def fp32_names(model: nn.Module):
+    """Predicate on tensor names the model class keeps in fp32 whatever its dtype (transformers'
+    _keep_in_fp32_modules[_strict]: DeepSeek-V3's router weight and score bias). Matched as transformers
+    does, on whole dotted components."""
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or []),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+    if not keep:
+        return lambda name: False
+    pattern = re.compile(r"(^|\.)(" + "|".join(map(re.escape, keep)) + r")($|\.)")
+    return lambda name: pattern.search(name) is not None
+
+
+def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -> nn.Module:
+    """module.to(device, dtype), except floating tensors named by keep_fp32, which go to fp32."""
+    module.to(device=device, dtype=dtype)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and keep_fp32(name):
+            t.data = t.data.float()
+    return module
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
                    scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
@@ -380,7 +402,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     bar = tqdm(range(len(layers)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
     for i in bar:
         moe.unfuse(layers[i], arch)  # fused experts -> per-expert linears (no-op for dense blocks)
-        block = layers[i].to(device=device, dtype=dtype)
+        block = to_compute(layers[i], device, dtype, fp32_names(model))  # the router stays fp32 if asked
         try:
             res, y = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size)
         except NonFiniteActivation as e:

@@ -67,6 +67,9 @@ def test_quantize_and_reload_same_logits(model_type, tmp_path):
     report = json.loads((out / REPORT).read_text())
     assert len(report["blocks"]) == 2 and report["blocks"][0]["groups"]
     qm, qtok = load_quantized(out, dtype=dtype)
+    packed = ("qweight", "qzeros", "scales")
+    qsd = {k: v.dtype for k, v in qm.state_dict().items() if not k.endswith(packed)}
+    assert qsd == {k: v.dtype for k, v in fq.state_dict().items() if k in qsd}  # fp32 routers stay fp32
     n_q = sum(isinstance(mod, QuantLinear) for mod in qm.modules())
     n_lin = sum(len(quantizable_linears(b, arch)) for b in get_module(m, arch.layers))
     assert n_q == n_lin > 0
