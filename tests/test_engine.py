@@ -17,7 +17,7 @@ from salience import api
 from salience.checkpoint import load_quantized
 from salience.engine import SamplingParams, load
 from salience.engine.generate import Engine, HFRunner, Runner, generate_ids, process_logits
-from salience.engine.load import from_hf_model
+from salience.engine.weights import from_hf_model
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 

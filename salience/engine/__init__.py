@@ -1,4 +1,4 @@
-"""The inference engine: a compact decoder for the Llama family and Gemma 3 (model.py), loading (load.py),
+"""The inference engine: a compact decoder for the Llama family and Gemma 3 (model.py), loading (weights.py),
 generation (generate.py) and the decode benchmark (bench.py).
 
     from salience.engine import load, SamplingParams
@@ -32,7 +32,7 @@ def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, ba
 
     from ..api import pick_device, pick_dtype
     from ..models import materialize
-    from .load import from_folder
+    from .weights import from_folder
 
     dev, dt = pick_device(device), pick_dtype(dtype)
     folder = materialize(model)

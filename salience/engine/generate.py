@@ -114,7 +114,7 @@ class Runner:
                 reuse += 1
         pos = torch.arange(reuse, t, device=dev)
         logits = self.model(ids[:, reuse:], pos, start if padded else None, kv_len=t,
-                            fresh=reuse == 0 and not padded)
+                            fresh=reuse == 0 and not padded, last=True)
         self.cached = ids[0].tolist() if b == 1 and not padded else []
         self.start = start if padded else None
         self.pos = t  # next slot
@@ -184,7 +184,8 @@ class HFRunner:
         ids, start = ids.to(self.device), start.to(self.device)
         self.mask = (torch.arange(t, device=self.device)[None] >= start[:, None]).long()
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
         self.past, self.next_pos = out.past_key_values, pos[:, -1] + 1
         return out.logits[:, -1]
 

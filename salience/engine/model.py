@@ -286,11 +286,13 @@ class Transformer(nn.Module):
             a.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.batch, self.max_seq = batch, max_seq
 
-    def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False):
+    def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False,
+                last: bool = False):
         """idx [B, T] tokens written at cache slots input_pos [T] (consecutive). start [B]: first real slot
         of each row (left padding; None: 0). kv_len: attend to slots < kv_len (prefill; None: the whole
         cache, the fixed-shape decode). fresh: the prompt starts at slot 0 with no padding (plain causal
-        attention, skips the mask). -> logits [B, T, vocab]."""
+        attention, skips the mask). last: logits of the last position only ([B, 1, vocab]; a 2048-token
+        prompt of 16 rows would otherwise make 8 GB of Llama-3 logits). -> logits [B, T, vocab]."""
         c = self.c
         b, t = idx.shape
         x = self.embed(idx)
@@ -324,6 +326,8 @@ class Transformer(nn.Module):
             masks[w] = m[:, None]  # [B, 1, T, S]
         for layer, key in zip(self.layers, c.rope_keys):
             x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len)
+        if last:
+            x = x[:, -1:]
         logits = self.output(self.norm(x))
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
