@@ -255,3 +255,30 @@ def test_cli_chat_and_generate(tmp_path, monkeypatch, capsys):
     assert out == load(str(path), device="cpu", dtype="float32").generate(
         ["the quick"], SamplingParams(max_new_tokens=5))[0].text.strip()
     shutil.rmtree(path)
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_transformers(tmp_path):
+    """The real SmolLM2-135M (embedded GGUF, de-quantized to fp32): engine logits vs transformers' within
+    1e-3 (logits reach ~30), greedy continuations equal; its RTN w4 g64 checkpoint greedy-decodes like
+    transformers with the same dequantized weights."""
+    from salience.models import load_fp
+
+    m, tok, _ = load_fp("smollm2", dtype=torch.float32)
+    eng = load("smollm2", device="cpu", dtype="float32")
+    assert eng.kind == "engine"
+    ids = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    e = eng.runner.model
+    e.setup_cache(1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(e(ids, torch.arange(ids.shape[1]), kv_len=ids.shape[1], fresh=True),
+                                   m(ids).logits, atol=1e-3, rtol=0)
+    prompts = [tok(t).input_ids for t in ["The capital of France is", "Once upon a time, in a small village,"]]
+    p = SamplingParams(max_new_tokens=24)
+    assert generate_ids(eng.runner, prompts, p) == [_hf_greedy(m, q, 24) for q in prompts]
+    path = tmp_path / "w4"
+    api.quantize(None, path, QuantConfig(4, 64), "rtn", loaded=(m, tok), progress=False, device="cpu",
+                 dtype="float32")
+    w4 = load(str(path), device="cpu", dtype="float32")
+    assert generate_ids(w4.runner, prompts, p) == [_hf_greedy(_dequantized_transformers(path), q, 24)
+                                                   for q in prompts]

@@ -55,7 +55,9 @@ def time_engine(runner, prompts, new_tokens: int, dev) -> dict:
 
 
 def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
-    """transformers generate: TTFT from a 1-token call, decode from an n-token call minus that."""
+    """transformers generate: TTFT from a 1-token call, decode from an n-token call minus that. The n-token
+    call runs first as a warm-up: with the static cache it compiles the decode step and sizes the cache,
+    which later calls reuse (transformers keeps the largest cache length seen, so no recompilation)."""
     mask = torch.ones_like(ids)
     g = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask, **kw)
 
@@ -66,6 +68,7 @@ def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
         _sync(dev)
         return time.perf_counter() - t
 
+    run(new_tokens)
     t1 = run(1)
     tn = run(new_tokens)
     return {"ttft_ms": t1 * 1e3, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9)}
@@ -118,22 +121,19 @@ def versions() -> dict:
 # ---- GPU matrix
 
 def gpu_cases(shapes, batches, prompt_lens, backends):
-    """(shape, batch, prompt, backend), the issue's target cases first."""
+    """(shape, batch, prompt, backend) in run order: per shape, the issue's target cases first (batch 1 and
+    16 at prompt 128, batch 1 at prompt 2048), then the rest; within each phase grouped by backend so
+    that each model is built once per phase."""
+    targets = [(1, 128), (16, 128), (1, 2048)]
     cases = []
     for shape in shapes:
-        for prompt in prompt_lens:
-            for b in batches:
-                for be in backends:
-                    cases.append((shape, b, prompt, be))
-
-    def prio(c):
-        shape, b, prompt, be = c
-        return (shapes.index(shape) > 0,  # Llama-2-7B first
-                not (b == 1 and prompt == 128),  # batch 1 decode targets
-                not (b == 16 and prompt == 128),  # batch 16 throughput target
-                not (b == 1 and prompt == 2048),  # TTFT target
-                be.startswith("hf"), b, prompt)
-    return sorted(cases, key=prio)
+        for phase in (0, 1):
+            for be in backends:
+                for prompt in prompt_lens:
+                    for b in batches:
+                        if ((b, prompt) in targets) == (phase == 0):
+                            cases.append((shape, b, prompt, be))
+    return cases
 
 
 def run_gpu(a) -> list[dict]:
@@ -141,7 +141,7 @@ def run_gpu(a) -> list[dict]:
 
     from .weights import hf_config, random_model
 
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     t_start = time.time()
     rows = []
@@ -166,6 +166,7 @@ def run_gpu(a) -> list[dict]:
         t0 = time.time()
         try:
             if loaded[0] != key:
+                m = runner = None  # free the previous model before building the next
                 loaded = (None, None)
                 _peak_reset(dev)
                 if be.startswith("hf"):
@@ -182,9 +183,8 @@ def run_gpu(a) -> list[dict]:
                 ids = torch.tensor(prompts, device=dev)
                 kw = {"cache_implementation": "static"} if be == "hf-static" else {}
                 with torch.inference_mode():
-                    time_hf(m, ids, 4, dev, **kw)  # warm-up (hf-static: compiles here)
                     _peak_reset(dev)
-                    row.update(time_hf(m, ids, new, dev, **kw))
+                    row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
             else:
                 runner = Runner(m, cuda_graph=not a.no_cuda_graph)
                 time_engine(runner, prompts, 8, dev)  # warm-up: Triton compiles, CUDA graph capture
@@ -240,7 +240,6 @@ def run_cpu(a) -> list[dict]:
                     m.generation_config.eos_token_id = None
                     ids = torch.tensor(prompts)
                     with torch.inference_mode():
-                        time_hf(m, ids, 4, dev)
                         row.update(time_hf(m, ids, a.new_tokens, dev))
                 else:
                     runner = Runner(from_folder(src, device=dev, dtype=dt))
@@ -281,8 +280,10 @@ def write(a, rows, dev, partial=False):
           + ("" if not partial else " (partial: still running or stopped)"), "",
           f"New tokens per row: {a.new_tokens}" + (f" ({a.hf_eager_tokens} for hf-eager)" if dev.type == "cuda"
                                                     else "") + "; decode tok/s counts all rows. "
-          "TTFT: prefill + first token. Random weights on GPU (speed does not depend on values); "
-          "`python benchmarks/decode.py" + (" --cpu" if dev.type == "cpu" else "") + "` made this table.", "",
+          "TTFT: prefill + first token. " + ("The real SmolLM2-135M; W4 = RTN w4 g64 checkpoint, bf16 activations"
+                                             if a.cpu else "Random weights (speed does not depend on values); "
+                                             "W4 = AWQ GEMM g128, lm_head FP16") + ". `python benchmarks/decode.py "
+          + " ".join(a.argv) + "` made this table.", "",
           table(order), ""]
     out.with_suffix(".md").write_text("\n".join(md))
 
@@ -301,9 +302,12 @@ def parse(argv):
                    help="batch x prompt cases for hf-static (each one compiles, ~1 min)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds; cases after this are skipped")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine decode without CUDA graphs")
+    p.add_argument("--device", default="cuda", help="GPU matrix on this device (cpu: a smoke test with "
+                   "--shapes tiny)")
     p.add_argument("--w4", help="CPU: a 4-bit SmolLM2 checkpoint (default: write an RTN one once)")
     p.add_argument("--out", help="output path without suffix (default benchmarks/results/decode[_cpu])")
     a = p.parse_args(argv)
+    a.argv = list(argv)
     a.batch = a.batch or ([1] if a.cpu else [1, 4, 16])
     a.prompt = a.prompt or [128]
     if not a.cpu and a.prompt == [128] and "--prompt" not in (argv or []):
@@ -320,8 +324,8 @@ def main(argv=None):
         rows = run_cpu(a)
         write(a, rows, torch.device("cpu"))
     else:
-        if not torch.cuda.is_available():
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: pass --cpu for the CPU benchmark")
         rows = run_gpu(a)
-        write(a, rows, torch.device("cuda"))
+        write(a, rows, torch.device(a.device))
     print(Path(a.out).with_suffix(".md").read_text())

@@ -108,6 +108,9 @@ class Runner:
         ids, start = ids.to(dev), start.to(dev)
         padded = bool(start.any())
         reuse = 0
+        if getattr(self.model, "owner", None) is not self:  # another runner wrote this model's cache
+            self.cached = []
+        self.model.owner = self
         if b == 1 and self.cached:  # multi-turn chat: keep the K/V of the common prefix
             new = ids[0].tolist()
             while reuse < min(len(self.cached), t - 1) and self.cached[reuse] == new[reuse]:
@@ -134,7 +137,7 @@ class Runner:
         if not self.graphs:
             out = self._step(tok)
         else:
-            key = (tok.shape[0], self.start is not None)
+            key = (tok.shape[0], self.start is not None, self.model.cache_version)
             if self.graph is None or self.graph[0] != key:
                 self._capture(tok, key)
             _, g, st_tok, st_pos, st_start, out = self.graph

@@ -266,6 +266,7 @@ class Transformer(nn.Module):
         for key, rp in c.ropes.items():
             self.register_buffer(f"inv_freq_{key}", inv_freq(rp, c.head_dim), persistent=False)
         self.batch = self.max_seq = 0
+        self.cache_version = 0  # bumped on every reallocation: CUDA graphs captured on older caches are stale
 
     @property
     def device(self):
@@ -285,6 +286,7 @@ class Transformer(nn.Module):
             a.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             a.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.batch, self.max_seq = batch, max_seq
+        self.cache_version += 1
 
     def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False,
                 last: bool = False):
@@ -297,7 +299,7 @@ class Transformer(nn.Module):
         b, t = idx.shape
         x = self.embed(idx)
         if c.embed_scale:  # gemma multiplies in the weights' dtype (sqrt(640) is 25.25 in bf16)
-            x = x * torch.tensor(c.dim ** 0.5, dtype=x.dtype)
+            x = x * torch.tensor(c.dim ** 0.5, dtype=x.dtype).item()  # a Python float: graph-safe
         pos = input_pos[None, :].expand(b, t)
         if start is not None:
             pos = (pos - start[:, None]).clamp(min=0)  # padded slots get position 0, never attended

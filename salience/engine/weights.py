@@ -161,6 +161,9 @@ def from_hf_model(m, device="cpu", dtype=None) -> Transformer:
 # ---- random weights with real shapes (benchmarks: a 4-bit model's speed does not depend on its values)
 
 SHAPES = {
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),  # smoke tests
     "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
