@@ -272,6 +272,13 @@ class Transformer(nn.Module):
     def device(self):
         return self.embed.weight.device
 
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) would round the RoPE frequencies too: recompute them in fp32 on the new device."""
+        super()._apply(fn, recurse)
+        for key, rp in self.c.ropes.items():
+            setattr(self, f"inv_freq_{key}", inv_freq(rp, self.c.head_dim).to(self.embed.weight.device))
+        return self
+
     def setup_cache(self, batch: int, max_seq: int, dtype=None):
         """Allocate (or reuse) the static KV cache [batch, n_kv, max_seq, head_dim] per layer."""
         if (batch, max_seq) == (self.batch, self.max_seq):
