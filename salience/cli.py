@@ -58,6 +58,8 @@ def _add_engine_args(p):
     p.add_argument("--backend", choices=["auto", "engine", "transformers"], default="auto",
                    help="auto: the engine's decoder when the architecture has one, else transformers (says so)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU (no CUDA graph)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="GPU: do not fuse the decode step's elementwise ops with torch.compile")
 
 
 def _add_eval_args(p, default_windows="64"):
@@ -159,7 +161,8 @@ def _sampling(a):
 def _engine(a):
     from .engine import load
 
-    return load(a.model, device=a.device, dtype=a.dtype, cuda_graph=not a.no_cuda_graph, backend=a.backend,
+    return load(a.model, device=a.device, dtype=a.dtype, cuda_graph=not a.no_cuda_graph,
+                compile=not a.no_compile, backend=a.backend,
                 allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
 
 

@@ -36,11 +36,19 @@ def test_logits_on_cuda_match_transformers(name):
 def test_cuda_graph_decode_equals_eager(name):
     e = from_hf_model(tiny_model(name), device="cuda", dtype=DTYPES[name])
     p = SamplingParams(max_new_tokens=16)
-    eager = generate_ids(Runner(e, cuda_graph=False), PROMPTS, p)
+    eager = generate_ids(Runner(e, cuda_graph=False), PROMPTS, p)  # compiled ops, no graph
     graph = Runner(e, cuda_graph=True)
     assert generate_ids(graph, PROMPTS, p) == eager  # batched, left-padded
-    assert graph.graph is not None
+    assert graph.graph is not None and graph.ops.compiled
     assert [generate_ids(graph, [q], p)[0] for q in PROMPTS] == eager  # batch 1, re-captured
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_compiled_ops_equal_eager_ops(name):
+    """fp32, so that fusion's different rounding cannot flip a greedy choice."""
+    e = from_hf_model(tiny_model(name), device="cuda", dtype=torch.float32)
+    p = SamplingParams(max_new_tokens=16)
+    assert generate_ids(Runner(e, compile=False), PROMPTS, p) == generate_ids(Runner(e), PROMPTS, p)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text"])

@@ -21,11 +21,13 @@ from .model import FAMILIES, Config, Transformer, Unsupported
 __all__ = ["load", "Engine", "SamplingParams", "Output", "Transformer", "Config", "Unsupported", "FAMILIES"]
 
 
-def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, backend: str = "auto",
+def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, compile: bool = True,
+         backend: str = "auto",
          allow_pickle: bool = False, trust_remote_code: bool = False, quiet: bool = False) -> Engine:
     """An Engine for a model folder (full precision or AWQ GEMM checkpoint, ours or another tool's), a .gguf,
     an embedded name (`smollm2`, `gemma3-270m`) or a hub id.
 
+    cuda_graph / compile (GPU): capture decode in a CUDA graph / fuse its elementwise ops with torch.compile.
     backend: "auto" (the engine's decoder when the architecture has an entry, else transformers with a
     message), "engine" (error if unsupported) or "transformers"."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -51,7 +53,7 @@ def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, ba
         else:
             try:
                 m = from_folder(folder, device=dev, dtype=dt)
-                return Engine(Runner(m, cuda_graph=cuda_graph), tok, "engine", eos, name)
+                return Engine(Runner(m, cuda_graph=cuda_graph, compile=compile), tok, "engine", eos, name)
             except Unsupported as e:
                 reason = str(e)
         if backend == "engine":

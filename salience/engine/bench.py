@@ -186,7 +186,7 @@ def run_gpu(a) -> list[dict]:
                     _peak_reset(dev)
                     row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
             else:
-                runner = Runner(m, cuda_graph=not a.no_cuda_graph)
+                runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile)
                 time_engine(runner, prompts, 8, dev)  # warm-up: Triton compiles, CUDA graph capture
                 _peak_reset(dev)
                 row.update(time_engine(runner, prompts, new, dev))
@@ -302,6 +302,7 @@ def parse(argv):
                    help="batch x prompt cases for hf-static (each one compiles, ~1 min)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds; cases after this are skipped")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine decode without CUDA graphs")
+    p.add_argument("--no-compile", action="store_true", help="engine decode without torch.compile'd ops")
     p.add_argument("--device", default="cuda", help="GPU matrix on this device (cpu: a smoke test with "
                    "--shapes tiny)")
     p.add_argument("--w4", help="CPU: a 4-bit SmolLM2 checkpoint (default: write an RTN one once)")

@@ -19,6 +19,8 @@ from typing import Iterator
 
 import torch
 
+from .model import EAGER, compiled_ops
+
 
 @dataclass
 class SamplingParams:
@@ -77,13 +79,16 @@ def _round_up(n: int, m: int = 256) -> int:
 
 
 class Runner:
-    """Our Transformer: static KV cache; decode as a CUDA graph on GPU (cuda_graph=False: eager)."""
+    """Our Transformer: static KV cache; on GPU, decode with its elementwise ops compiled (compile=False:
+    eager ops) and captured as a CUDA graph (cuda_graph=False: launched op by op)."""
 
-    def __init__(self, model, cuda_graph: bool = True):
+    def __init__(self, model, cuda_graph: bool = True, compile: bool = True):
         self.model = model
         self.device = model.device
         self.graphs = cuda_graph and self.device.type == "cuda"
+        self.ops = compiled_ops() if compile and self.device.type == "cuda" else EAGER
         self.graph = None
+        self.ops_ok = False  # the compiled ops ran once
         self.cached: list[int] = []  # batch 1: tokens whose K/V sit in slots 0..len-1 (prefix reuse)
 
     @property
@@ -125,7 +130,17 @@ class Runner:
         return logits[:, -1]
 
     def _step(self, tok):
-        return self.model(tok[:, None], self.pos_t, self.start)[:, -1]
+        return self.model(tok[:, None], self.pos_t, self.start, ops=self.ops)[:, -1]
+
+    def _first_compiled_step(self, step):
+        """Run the first decode step with compiled ops; if compilation fails, say so and go eager."""
+        try:
+            return step()
+        except Exception as e:  # noqa: BLE001 - inductor/triton failures come in many types
+            print(f"salience: compiling the decode ops failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  "decoding with eager ops (pass --no-compile to skip the attempt)", file=sys.stderr)
+            self.ops = EAGER
+            return step()
 
     @torch.inference_mode()
     def decode(self, tok: torch.Tensor) -> torch.Tensor:
@@ -135,7 +150,9 @@ class Runner:
         if self.cached:
             self.cached.append(-1)  # that slot's token is known only on the device; never reused
         if not self.graphs:
-            out = self._step(tok)
+            out = self._step(tok) if self.ops is EAGER or self.ops_ok else self._first_compiled_step(
+                lambda: self._step(tok))
+            self.ops_ok = True
         else:
             key = (tok.shape[0], self.start is not None, self.model.cache_version)
             if self.graph is None or self.graph[0] != key:
@@ -160,12 +177,12 @@ class Runner:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm up: Triton compiles, kernels repack, allocator settles
-            for _ in range(2):
-                m(st_tok[:, None], st_pos, st_start)
+            self._first_compiled_step(lambda: m(st_tok[:, None], st_pos, st_start, ops=self.ops))
+            m(st_tok[:, None], st_pos, st_start, ops=self.ops)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = m(st_tok[:, None], st_pos, st_start)[:, -1]
+            out = m(st_tok[:, None], st_pos, st_start, ops=self.ops)[:, -1]
         self.graph = (key, g, st_tok, st_pos, st_start, out)
 
 

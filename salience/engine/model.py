@@ -155,7 +155,7 @@ def inv_freq(rp: dict, head_dim: int) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Llama: w * norm(x).to(dtype); Gemma (offset 1): (norm(x) * (1 + w)) in fp32, then dtype."""
+    """Holds a norm's weight; the math is `norm` below (so that it can be fused with its neighbours)."""
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
@@ -163,15 +163,12 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        return norm(x, self.weight, self.eps, self.offset)
 
 
 class Int4Linear(nn.Module):
-    """A 4-bit linear in the kernels' layout for one device (built from AWQ GEMM tensors, see PackedInt4)."""
+    """A 4-bit linear in the kernels' layout for one device (built from AWQ GEMM tensors, see PackedInt4).
+    Build it on its device: .to() does not move the packed weights."""
 
     def __init__(self, p: PackedInt4, bias: torch.Tensor | None):
         super().__init__()
@@ -186,10 +183,79 @@ class Int4Linear(nn.Module):
         return f"in={self.p.k}, out={self.p.n}, group_size={self.p.group_size}, layout={self.p.layout}"
 
 
+# ---- the elementwise math between the matmuls: pure functions. Eager, each is several kernels; in
+# decode on GPU they are compiled (torch.compile, one fused kernel each), since at batch 1 a 7B model's
+# step is ~1300 tiny kernels otherwise, and even replayed from a CUDA graph each costs ~2 us.
+
+def norm(x, w, eps: float, offset: float):
+    """RMSNorm. Llama: w * norm(x).to(dtype); Gemma (offset 1): (norm(x) * (1 + w)) in fp32, then dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + w.float())).to(x.dtype)
+    return w * xf.to(x.dtype)
+
+
+def residual(x, h, post_w, eps: float, offset: float):
+    """x + h, or x + norm(h) with gemma3's post-attention / post-mlp norm (post_w)."""
+    return x + (h if post_w is None else norm(h, post_w, eps, offset))
+
+
+def residual_norm(x, h, post_w, w, eps: float, offset: float):
+    """-> (x + [norm](h), norm(x + [norm](h))): the residual add and the next pre-norm in one pass."""
+    x = residual(x, h, post_w, eps, offset)
+    return x, norm(x, w, eps, offset)
+
+
 def rotate(x, cos, sin):
     """RoPE in transformers' half-split convention. x [B, h, T, D], cos/sin [B, 1, T, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def qkv_rope(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float, offset: float):
+    """qkv [B, T, (H + 2 Hkv) D] -> q [B, H, T, D], k, v [B, Hkv, T, D]; q/k norms (qw, kw) then RoPE."""
+    b, t, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], -1)
+    q = q.view(b, t, n_heads, hd).transpose(1, 2)
+    k = k.view(b, t, n_kv, hd).transpose(1, 2)
+    v = v.view(b, t, n_kv, hd).transpose(1, 2)
+    if qw is not None:
+        q, k = norm(q, qw, eps, offset), norm(k, kw, eps, offset)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def act_mul(y, act: str):
+    """y [.., 2 F] (gate rows, then up rows) -> act(gate) * up [.., F]."""
+    gate, up = y.chunk(2, dim=-1)
+    return ACTS[act](gate) * up
+
+
+class Ops:
+    """The functions above, as called (eager) or compiled into one kernel each (decode on GPU)."""
+
+    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "act_mul")
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        for name in self.NAMES:
+            fn = globals()[name]
+            setattr(self, name, torch.compile(fn, fullgraph=True, dynamic=False) if compiled else fn)
+
+
+EAGER = Ops(False)
+_COMPILED = []
+
+
+def compiled_ops() -> Ops:
+    """One shared set of compiled ops (compilation happens at the first call, per input shapes)."""
+    if not _COMPILED:
+        cfg = torch._dynamo.config  # one entry per (batch size, model kind): more than the default 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        _COMPILED.append(Ops(True))
+    return _COMPILED[0]
 
 
 class Attention(nn.Module):
@@ -203,18 +269,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
         self.k_cache = self.v_cache = None
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None):
-        """x [B, T, dim]; input_pos [T] cache slots; mask [B, 1, T, S] bool or None (causal from slot 0,
-        no padding: flash path on the fresh k, v); kv_len: slots to attend to (prefill) or None (all)."""
+    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops):
+        """x [B, T, dim] (normed); input_pos [T] cache slots; mask [B, 1, T, S] bool or None (causal from
+        slot 0, no padding: flash path on the fresh k, v); kv_len: slots to attend to (prefill) or None."""
         c = self.c
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).split([c.n_heads * c.head_dim, c.n_kv * c.head_dim, c.n_kv * c.head_dim], -1)
-        q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(b, t, c.n_kv, c.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(b, t, c.n_kv, c.head_dim).transpose(1, 2)
-        if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
+        q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
+                               c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
         self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         g = c.n_heads // c.n_kv
@@ -245,14 +307,15 @@ class Block(nn.Module):
         if c.sandwich:
             self.post_attn_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
             self.post_mlp_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
-        self.act = ACTS[c.act]
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len):
-        h = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, kv_len)
-        x = x + (self.post_attn_norm(h) if self.c.sandwich else h)
-        gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
-        h = self.w2(self.act(gate) * up)
-        return x + (self.post_mlp_norm(h) if self.c.sandwich else h)
+    def forward(self, x, cos, sin, input_pos, mask, kv_len, ops: Ops):
+        c = self.c
+        eps, off = c.eps, c.norm_offset
+        pa, pm = (self.post_attn_norm.weight, self.post_mlp_norm.weight) if c.sandwich else (None, None)
+        h = self.attn(ops.norm(x, self.attn_norm.weight, eps, off), cos, sin, input_pos, mask, kv_len, ops)
+        x, hn = ops.residual_norm(x, h, pa, self.mlp_norm.weight, eps, off)
+        h = self.w2(ops.act_mul(self.w13(hn), c.act))
+        return ops.residual(x, h, pm, eps, off)
 
 
 class Transformer(nn.Module):
@@ -296,12 +359,13 @@ class Transformer(nn.Module):
         self.cache_version += 1
 
     def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False,
-                last: bool = False):
+                last: bool = False, ops: Ops = EAGER):
         """idx [B, T] tokens written at cache slots input_pos [T] (consecutive). start [B]: first real slot
         of each row (left padding; None: 0). kv_len: attend to slots < kv_len (prefill; None: the whole
         cache, the fixed-shape decode). fresh: the prompt starts at slot 0 with no padding (plain causal
         attention, skips the mask). last: logits of the last position only ([B, 1, vocab]; a 2048-token
-        prompt of 16 rows would otherwise make 8 GB of Llama-3 logits). -> logits [B, T, vocab]."""
+        prompt of 16 rows would otherwise make 8 GB of Llama-3 logits). ops: EAGER or Ops(compiled=True)
+        (decode on GPU; prefill stays eager: every prompt length would compile again). -> [B, T, vocab]."""
         c = self.c
         b, t = idx.shape
         x = self.embed(idx)
@@ -334,10 +398,10 @@ class Transformer(nn.Module):
                 m = m | (kpos[None, None, :] == input_pos[None, :, None])
             masks[w] = m[:, None]  # [B, 1, T, S]
         for layer, key in zip(self.layers, c.rope_keys):
-            x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len)
+            x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops)
         if last:
             x = x[:, -1:]
-        logits = self.output(self.norm(x))
+        logits = self.output(ops.norm(x, self.norm.weight, c.eps, c.norm_offset))
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
