@@ -55,23 +55,36 @@ def time_engine(runner, prompts, new_tokens: int, dev) -> dict:
 
 
 def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
-    """transformers generate: TTFT from a 1-token call, decode from an n-token call minus that. The n-token
-    call runs first as a warm-up: with the static cache it compiles the decode step and sizes the cache,
-    which later calls reuse (transformers keeps the largest cache length seen, so no recompilation)."""
-    mask = torch.ones_like(ids)
-    g = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask, **kw)
+    """transformers generate, n tokens, timed by a streamer: TTFT when the first new token reaches the host,
+    decode = the rest. A first identical call warms up (hf-static: compiles the decode step for this
+    cache size)."""
+    from transformers.generation.streamers import BaseStreamer
 
-    def run(n):
-        _sync(dev)
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **g)
-        _sync(dev)
-        return time.perf_counter() - t
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
 
-    run(new_tokens)
-    t1 = run(1)
-    tn = run(new_tokens)
-    return {"ttft_ms": t1 * 1e3, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9)}
+        def put(self, value):  # first call: the prompt; then one call per step, tokens already on the host
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    g = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids),
+             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    model.generate(ids, **g)
+    clock = Clock()
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model.generate(ids, streamer=clock, **g)
+    _sync(dev)
+    t2 = time.perf_counter()
+    n = out.shape[1] - ids.shape[1]
+    if n != new_tokens or len(clock.times) < 2:
+        raise RuntimeError(f"transformers generated {n} tokens ({len(clock.times)} streamer calls), "
+                           f"expected {new_tokens}")
+    t1 = clock.times[1]
+    return {"ttft_ms": (t1 - t0) * 1e3, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / (t2 - t1)}
 
 
 def _prompts(b: int, t: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -187,7 +200,7 @@ def run_gpu(a) -> list[dict]:
                     row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
             else:
                 runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile)
-                time_engine(runner, prompts, 8, dev)  # warm-up: Triton compiles, CUDA graph capture
+                time_engine(runner, prompts, new, dev)  # warm-up: Triton, torch.compile, graph capture
                 _peak_reset(dev)
                 row.update(time_engine(runner, prompts, new, dev))
                 runner.model.setup_cache(0, 0)  # free the KV cache
@@ -243,7 +256,7 @@ def run_cpu(a) -> list[dict]:
                         row.update(time_hf(m, ids, a.new_tokens, dev))
                 else:
                     runner = Runner(from_folder(src, device=dev, dtype=dt))
-                    time_engine(runner, prompts, 4, dev)
+                    time_engine(runner, prompts, a.new_tokens, dev)
                     row.update(time_engine(runner, prompts, a.new_tokens, dev))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
