@@ -183,8 +183,6 @@ def cmd_generate(a):
 
 
 def cmd_chat(a):
-    from .engine.generate import print_stream
-
     eng = _engine(a)
     p = _sampling(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
@@ -207,8 +205,15 @@ def cmd_chat(a):
             continue
         messages.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        reply = print_stream(eng.stream(eng.encode_chat(messages), p))
+        pieces = []
+        try:
+            for piece in eng.stream(eng.encode_chat(messages), p):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print(" [interrupted]", end="")
         print()
+        reply = "".join(pieces)
         messages.append({"role": "assistant", "content": reply})
 
 
