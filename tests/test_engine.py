@@ -219,6 +219,27 @@ def test_prefix_reuse_multi_turn(eng):
     warm = eng.generate([q2], p)[0].token_ids
     fresh = Engine(Runner(eng.runner.model), eng.tok, "engine", eos=set()).generate([q2], p)[0].token_ids
     assert warm == fresh
+    # what each prefill fed the model: the reused prefix is skipped; with prefix_reuse=False (benchmarks) never
+    for reuse, want in [(True, 1), (False, len(q2))]:
+        r = Runner(eng.runner.model, prefix_reuse=reuse)
+        fed = []
+        real = r.model.forward
+        generate_ids(r, [q2], p)
+        r.model.forward = lambda idx, *a, **k: fed.append(idx.shape[1]) or real(idx, *a, **k)
+        try:
+            generate_ids(r, [q2], p)
+        finally:
+            del r.model.forward
+        assert fed[0] == want
+
+
+def test_bench_smoke_cpu(tmp_path):
+    from salience.engine import bench
+
+    bench.main(["--device", "cpu", "--shapes", "tiny", "--batch", "1", "2", "--prompt", "12", "--new-tokens", "4",
+                "--backends", "engine-fp16", "hf-eager", "--out", str(tmp_path / "d")])
+    text = (tmp_path / "d.md").read_text()
+    assert text.count("| tiny |") == 4 and "error" not in text.lower()
 
 
 def test_fallback_to_transformers(tmp_path, capsys):

@@ -199,7 +199,8 @@ def run_gpu(a) -> list[dict]:
                     _peak_reset(dev)
                     row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
             else:
-                runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile)
+                runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile,
+                                prefix_reuse=False)
                 time_engine(runner, prompts, new, dev)  # warm-up: Triton, torch.compile, graph capture
                 _peak_reset(dev)
                 row.update(time_engine(runner, prompts, new, dev))
@@ -255,7 +256,7 @@ def run_cpu(a) -> list[dict]:
                     with torch.inference_mode():
                         row.update(time_hf(m, ids, a.new_tokens, dev))
                 else:
-                    runner = Runner(from_folder(src, device=dev, dtype=dt))
+                    runner = Runner(from_folder(src, device=dev, dtype=dt), prefix_reuse=False)
                     time_engine(runner, prompts, a.new_tokens, dev)
                     row.update(time_engine(runner, prompts, a.new_tokens, dev))
                 rows.append(row)

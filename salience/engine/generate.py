@@ -82,8 +82,9 @@ class Runner:
     """Our Transformer: static KV cache; on GPU, decode with its elementwise ops compiled (compile=False:
     eager ops) and captured as a CUDA graph (cuda_graph=False: launched op by op)."""
 
-    def __init__(self, model, cuda_graph: bool = True, compile: bool = True):
+    def __init__(self, model, cuda_graph: bool = True, compile: bool = True, prefix_reuse: bool = True):
         self.model = model
+        self.prefix_reuse = prefix_reuse  # benchmarks turn it off: a repeated prompt would cost one token
         self.device = model.device
         self.graphs = cuda_graph and self.device.type == "cuda"
         self.ops = compiled_ops() if compile and self.device.type == "cuda" else EAGER
@@ -113,7 +114,7 @@ class Runner:
         ids, start = ids.to(dev), start.to(dev)
         padded = bool(start.any())
         reuse = 0
-        if getattr(self.model, "owner", None) is not self:  # another runner wrote this model's cache
+        if getattr(self.model, "owner", None) is not self or not self.prefix_reuse:  # or someone else wrote it
             self.cached = []
         self.model.owner = self
         if b == 1 and self.cached:  # multi-turn chat: keep the K/V of the common prefix
