@@ -267,7 +267,7 @@ def run_cpu(a) -> list[dict]:
 # ---- report
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | prompt | backend | decode tok/s | TTFT ms | peak GiB | x engine-fp16 | note |",
+    lines = ["| model | batch | prompt | backend | decode tok/s | TTFT ms | peak GiB | x engine fp16 (CPU: fp32) | note |",
              "|---|---:|---:|---|---:|---:|---:|---:|---|"]
     ref = {(r["model"], r["batch"], r["prompt"]): r.get("decode_tok_s") for r in rows
            if r["backend"] in ("engine-fp16", "engine-fp32")}
