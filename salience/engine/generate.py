@@ -150,24 +150,34 @@ class Runner:
             raise RuntimeError(f"KV cache full ({self.model.max_seq} slots)")
         if self.cached:
             self.cached.append(-1)  # that slot's token is known only on the device; never reused
-        if not self.graphs:
+        out = self._replay(tok) if self.graphs else None
+        if out is None:
             out = self._step(tok) if self.ops is EAGER or self.ops_ok else self._first_compiled_step(
                 lambda: self._step(tok))
             self.ops_ok = True
-        else:
-            key = (tok.shape[0], self.start is not None, self.model.cache_version)
-            if self.graph is None or self.graph[0] != key:
-                self._capture(tok, key)
-            _, g, st_tok, st_pos, st_start, out = self.graph
-            st_tok.copy_(tok)
-            st_pos.copy_(self.pos_t)
-            if self.start is not None:
-                st_start.copy_(self.start)
-            g.replay()
-            out = out.clone()
         self.pos += 1
         self.pos_t += 1
         return out
+
+    def _replay(self, tok):
+        """One decode step through the CUDA graph for this batch/cache (captured on first use); None if
+        capture failed (then graphs stay off, with a message)."""
+        key = (tok.shape[0], self.start is not None, self.model.cache_version)
+        if self.graph is None or self.graph[0] != key:
+            try:
+                self._capture(tok, key)
+            except RuntimeError as e:  # e.g. an op that syncs with the host, which capture forbids
+                print(f"salience: CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without "
+                      "graphs (pass --no-cuda-graph to skip the attempt)", file=sys.stderr)
+                self.graphs, self.graph = False, None
+                return None
+        _, g, st_tok, st_pos, st_start, out = self.graph
+        st_tok.copy_(tok)
+        st_pos.copy_(self.pos_t)
+        if self.start is not None:
+            st_start.copy_(self.start)
+        g.replay()
+        return out.clone()
 
     def _capture(self, tok, key):
         """Capture one decode step with static inputs (token, slot, pad starts). The warm-up runs write
@@ -180,6 +190,7 @@ class Runner:
         with torch.cuda.stream(s):  # warm up: Triton compiles, kernels repack, allocator settles
             self._first_compiled_step(lambda: m(st_tok[:, None], st_pos, st_start, ops=self.ops))
             m(st_tok[:, None], st_pos, st_start, ops=self.ops)
+        self.ops_ok = True
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
