@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from salience.engine.bench import main  # noqa: E402
+from salience.engine.bench import main
 
 if __name__ == "__main__":
     main()

@@ -225,7 +225,7 @@ def test_prefix_reuse_multi_turn(eng):
         fed = []
         real = r.model.forward
         generate_ids(r, [q2], p)
-        r.model.forward = lambda idx, *a, **k: fed.append(idx.shape[1]) or real(idx, *a, **k)
+        r.model.forward = lambda idx, *a, fed=fed, real=real, **k: fed.append(idx.shape[1]) or real(idx, *a, **k)
         try:
             generate_ids(r, [q2], p)
         finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 
 from .generate import Engine, HFRunner, Output, Runner, SamplingParams, eos_ids
 from .model import FAMILIES, Config, Transformer, Unsupported

@@ -212,7 +212,7 @@ class HFRunner:
 
     @torch.inference_mode()
     def prefill(self, ids, start):
-        b, t = ids.shape
+        t = ids.shape[1]
         ids, start = ids.to(self.device), start.to(self.device)
         self.mask = (torch.arange(t, device=self.device)[None] >= start[:, None]).long()
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
