@@ -47,7 +47,9 @@ def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, co
     name = str(model or "smollm2")
     reason = None
     if backend in ("auto", "engine"):
-        if hf.model_type in FAMILIES and isinstance(folder, Path) and not any(folder.glob("*.safetensors")):
+        if not isinstance(folder, Path):
+            reason = "a hub id (the engine reads local folders)"
+        elif hf.model_type in FAMILIES and not any(folder.glob("*.safetensors")):
             reason = "no safetensors weights (the engine reads only safetensors)"
         else:
             try:
