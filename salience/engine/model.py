@@ -270,8 +270,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops):
-        """x [B, T, dim] (normed); input_pos [T] cache slots; mask [B, 1, T, S] bool or None (causal from
-        slot 0, no padding: flash path on the fresh k, v); kv_len: slots to attend to (prefill) or None."""
+        """x [B, T, dim] (normed); input_pos [T] cache slots; mask [B, 1, g*T, S] bool (g = query heads per
+        kv head, rows (head-in-group, token)) or None (causal from slot 0, no padding: flash path on the
+        fresh k, v); kv_len: slots to attend to (prefill) or None (the whole cache)."""
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
@@ -289,8 +290,7 @@ class Attention(nn.Module):
                 (self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len])
             # GQA without copying the cache: the g query heads sharing a kv head become g*T query rows
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
-            mg = mask.repeat(1, 1, g, 1) if g > 1 else mask  # [B, 1, g*T, S]
-            y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mg, scale=c.attn_scale)
+            y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
             y = y.view(b, c.n_heads, t, c.head_dim)
         return self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
 
@@ -396,7 +396,8 @@ class Transformer(nn.Module):
                 # a pad slot's query would see nothing (SDPA: NaN, and 0 * NaN poisons later layers'
                 # attention through its V): let it see itself
                 m = m | (kpos[None, None, :] == input_pos[None, :, None])
-            masks[w] = m[:, None]  # [B, 1, T, S]
+            g = c.n_heads // c.n_kv  # GQA: rows for the g query heads of a kv head (see Attention)
+            masks[w] = m[:, None].repeat(1, 1, g, 1) if g > 1 else m[:, None]  # [B, 1, g*T, S]
         for layer, key in zip(self.layers, c.rope_keys):
             x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops)
         if last:
