@@ -291,7 +291,7 @@ class Attention(nn.Module):
             # GQA without copying the cache: the g query heads sharing a kv head become g*T query rows
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
             y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
-            y = y.view(b, c.n_heads, t, c.head_dim)
+            y = y.reshape(b, c.n_heads, t, c.head_dim)  # SDPA may return a non-contiguous layout (CUDA)
         return self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
 
 
