@@ -1,4 +1,4 @@
-"""salience command line: quantize, eval, generate, chat, bench, demo, discover."""
+"""salience command line: quantize, eval, generate, chat, serve, bench, demo, discover."""
 
 from __future__ import annotations
 
@@ -250,6 +250,16 @@ def cmd_chat(a):
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(a):
+    from .serve import serve
+
+    if not 1 <= a.port <= 65535:
+        raise ValueError(f"--port {a.port}: must be 1..65535")
+    name = a.served_model_name or (Path(a.model).name.replace(".gguf", "") if a.model else "smollm2")
+    serve(_engine(a), name, a.host, a.port, a.api_key or os.environ.get("SALIENCE_API_KEY"), a.max_batch,
+          a.kv_tokens, a.log_requests)
+
+
 def cmd_bench(a):
     from .engine import bench
 
@@ -342,6 +352,22 @@ def build_parser():
     _add_run_args(c)
     _add_engine_args(c)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+                       description="Serve a model over HTTP with OpenAI's API (streaming, usage, error schema). "
+                       "Concurrent requests with the same sampling settings run as one batch.")
+    s.add_argument("model", nargs="?", help="model folder, .gguf, checkpoint or hub id (default: smollm2)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SALIENCE_API_KEY, else none)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the folder/file name)")
+    s.add_argument("--max-batch", type=int, default=32, help="rows per batch (default 32)")
+    s.add_argument("--kv-tokens", type=int, default=1 << 16,
+                   help="KV-cache budget of one batch, rows x (prompt + new tokens) (default 65536)")
+    s.add_argument("--log-requests", action="store_true", help="uvicorn's access log")
+    _add_run_args(s)
+    _add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks: `salience bench decode --help`",
                        description="`salience bench decode [...]` runs the decode benchmark (benchmarks/decode.py).")

@@ -1,0 +1,281 @@
+"""`salience serve` as a real subprocess on a loopback port, driven by the official `openai` client: completions,
+chat, streaming, stop strings, max_tokens, usage, batching of concurrent requests, API key, and bad requests
+that get 4xx OpenAI-schema errors while the server keeps serving. Plus the request parser on its own
+(including a short hypothesis fuzz; benchmarks/fuzz.py runs the long one)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from salience import api  # noqa: E402
+from salience.quant import QuantConfig  # noqa: E402
+from salience.serve import RequestError, parse_request  # noqa: E402
+
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+KEY = "sk-test-123"
+NAME = "tiny-w4"
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, key=KEY):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, json.loads(r.read())
+
+
+def _post(url, data: bytes, key=KEY):
+    """-> (status, parsed JSON) also for 4xx."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tiny RTN w4 Llama checkpoint (with a chat template) served by `python -m salience.cli serve`."""
+    path = tmp_path_factory.mktemp("serve") / NAME
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    api.quantize(None, path, QuantConfig(4, 32), "rtn", loaded=(tiny_model("llama"), tok), progress=False,
+                 device="cpu", dtype="float32")
+    port = _free_port()
+    log = open(path.parent / "server.log", "w+")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "salience.cli", "serve", str(path), "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32", "--api-key", KEY, "--max-batch", "8"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            _get(base + "/health")
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"server did not start:\n{log.read()}") from None
+            time.sleep(0.3)
+    yield base, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_completion_max_tokens_and_usage(client):
+    r = client.completions.create(model=NAME, prompt="the quick brown", max_tokens=7, temperature=0)
+    c = r.choices[0]
+    assert r.object == "text_completion" and c.finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens == 7 if c.finish_reason == "length" else r.usage.completion_tokens <= 7
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = client.completions.create(model=NAME, prompt="the quick brown", max_tokens=7, temperature=0)
+    assert again.choices[0].text == c.text  # greedy is deterministic
+
+
+def test_completion_several_prompts(client):
+    r = client.completions.create(model=NAME, prompt=["the quick", "over the lazy dog and"], max_tokens=5,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    one = client.completions.create(model=NAME, prompt="over the lazy dog and", max_tokens=5, temperature=0)
+    assert r.choices[1].text == one.choices[0].text  # batched (left-padded) == alone
+
+
+def test_stop_string(client):
+    full = client.completions.create(model=NAME, prompt="the sun sets", max_tokens=24, temperature=0).choices[0]
+    assert len(full.text) >= 6, full.text
+    stop = full.text[3:5]
+    cut = client.completions.create(model=NAME, prompt="the sun sets", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.text[: full.text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completion_stream(client):
+    ref = client.completions.create(model=NAME, prompt="birds sing", max_tokens=12, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model=NAME, prompt="birds sing", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 12
+
+
+def test_chat_and_chat_stream(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox"}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 10
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_sse_framing(server):
+    """Raw bytes: `data: {...}\\n\\n` events, `data: [DONE]` last."""
+    req = urllib.request.Request(server[0] + "/v1/completions", method="POST", data=json.dumps(
+        {"model": NAME, "prompt": "the", "max_tokens": 3, "temperature": 0, "stream": True}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for e in events[:-2]:
+        assert e.startswith("data: ") and json.loads(e[6:])["object"] == "text_completion"
+
+
+def test_concurrent_streams_are_batched(server, client):
+    prompts = [f"the quick brown fox {'jumps ' * i}" for i in range(8)]
+    ref = [client.completions.create(model=NAME, prompt=q, max_tokens=16, temperature=0).choices[0].text
+           for q in prompts]
+    before = _get(server[0] + "/health")[1]
+    got = [None] * len(prompts)
+
+    def one(i):
+        s = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=16, temperature=0, stream=True)
+        got[i] = "".join(c.choices[0].text for c in s if c.choices)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = _get(server[0] + "/health")[1]
+    assert got == ref
+    assert after["rows"] - before["rows"] == 8
+    assert after["batches"] - before["batches"] < 8  # at least some requests shared a batch
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": -1}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "hi", "temperature": "hot"}, 400, "invalid_type"),
+    ({"model": NAME, "prompt": "hi", "n": 3}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "hi", "bogus": 1}, 400, "unknown_parameter"),
+    ({"model": NAME}, 400, "missing_required_parameter"),
+    ({"model": NAME, "prompt": ""}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": [1, 2, 99999]}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "the quick brown fox " * 200}, 400, "context_length_exceeded"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 10 ** 6}, 400, "context_length_exceeded"),
+])
+def test_bad_completion_requests(server, client, body, status, code):
+    got, err = _post(server[0] + "/v1/completions", json.dumps(body).encode())
+    assert got == status and err["error"]["code"] == code and err["error"]["message"]
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    test_models(client)  # still serving
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'{"model": NaN}', b"\xff\xfe", b"[" * 100000])
+def test_malformed_json(server, client, raw):
+    got, err = _post(server[0] + "/v1/chat/completions", raw)
+    assert got == 400 and err["error"]["type"] == "invalid_request_error"
+    test_models(client)
+
+
+def test_bad_chat_requests_through_the_client(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x " * 400}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=-5)
+    assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_api_key(server):
+    base = server[0]
+    for key in (None, "wrong"):
+        got, err = _post(base + "/v1/completions", json.dumps({"model": NAME, "prompt": "hi"}).encode(), key=key)
+        assert got == 401 and err["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert _get(base + "/health", key=None)[0] == 200  # health needs no key
+
+
+def test_unknown_route_and_method(server):
+    got, err = _post(server[0] + "/v1/embeddings", b"{}")
+    assert got == 404 and err["error"]["code"] == "not_found"
+    req = urllib.request.Request(server[0] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+
+
+# ---- the parser alone
+
+def test_parse_request_defaults_and_fields():
+    r = parse_request("chat", json.dumps({"model": "m", "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 5, "stop": "x", "stream": True, "stream_options": {"include_usage": True},
+        "presence_penalty": 0, "n": 1}).encode(), {"m"})
+    assert r.messages == [{"role": "system", "content": "ab"}] and r.max_tokens == 5 and r.stop == ["x"]
+    assert r.stream and r.include_usage and r.temperature == 1.0 and r.seed is None
+
+
+def test_parse_request_rejects_numbers_out_of_range():
+    for body in ({"temperature": 1e400}, {"top_p": 0}, {"max_tokens": True}, {"seed": -1}, {"max_tokens": 1.5},
+                 {"presence_penalty": 0.5}, {"stop": ["a"] * 5}, {"stream_options": {"include_usage": True}}):
+        raw = json.dumps({"model": "m", "prompt": "p", **body}).encode() if "temperature" not in body else \
+            b'{"model": "m", "prompt": "p", "temperature": 1e400}'
+        with pytest.raises(RequestError) as e:
+            parse_request("completion", raw, {"m"})
+        assert e.value.status == 400
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                    max_leaves=12)
+KEYS = st.sampled_from(sorted({"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop",
+                               "stream", "stream_options", "n", "seed", "top_k", "logprobs", "role", "content"}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["completion", "chat"]), raw=st.binary(max_size=200)
+       | st.dictionaries(KEYS, JSON, max_size=6).map(lambda d: json.dumps(d).encode()))
+def test_fuzz_parse_request_short(kind, raw):
+    """Any bytes: a Request or a RequestError with a 4xx status, never another exception."""
+    try:
+        parse_request(kind, raw, {"m"})
+    except RequestError as e:
+        assert 400 <= e.status < 500 and e.message
