@@ -265,7 +265,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
                 rows = [engine.encode_chat(r.messages)]
             except ValueError as e:  # no chat template
                 raise RequestError(str(e), param="messages", code="invalid_value") from None
-            except Exception as e:  # noqa: BLE001 - jinja2.TemplateError and friends from the model's template
+            except Exception as e:
                 if type(e).__module__.split(".")[0] != "jinja2":
                     raise
                 raise RequestError(f"the model's chat template rejected the messages: {e}", param="messages",
@@ -420,7 +420,8 @@ def _sse(obj) -> str:
 
 def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32, kv_tokens: int = 1 << 16):
     """The FastAPI app serving `engine` as model `name`. app.state.scheduler runs the batches."""
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
 

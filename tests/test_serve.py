@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 openai = pytest.importorskip("openai")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import tiny_model, tiny_tokenizer
 
-from salience import api  # noqa: E402
-from salience.quant import QuantConfig  # noqa: E402
-from salience.serve import RequestError, parse_request  # noqa: E402
-
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from salience import api
+from salience.quant import QuantConfig
+from salience.serve import RequestError, parse_request
 
 KEY = "sk-test-123"
 NAME = "tiny-w4"
@@ -65,7 +65,7 @@ def server(tmp_path_factory):
     api.quantize(None, path, QuantConfig(4, 32), "rtn", loaded=(tiny_model("llama"), tok), progress=False,
                  device="cpu", dtype="float32")
     port = _free_port()
-    log = open(path.parent / "server.log", "w+")
+    log = open(path.parent / "server.log", "w+")  # noqa: SIM115 - open for the server's lifetime
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     proc = subprocess.Popen([sys.executable, "-m", "salience.cli", "serve", str(path), "--port", str(port),
                              "--device", "cpu", "--dtype", "float32", "--api-key", KEY, "--max-batch", "8"],
