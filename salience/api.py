@@ -18,12 +18,13 @@ from .checkpoint import (
     ARCH,
     CheckpointWriter,
     block_tensors,
+    check_finite,
     load_quantized,
     not_converted,
     quant_config,
     rest_tensors,
 )
-from .data import calibration_rows, eval_windows, load_text
+from .data import DataError, calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .models import is_quantized_checkpoint, load_fp, resolve
 from .quant import QuantConfig
@@ -90,53 +91,63 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
         raise ValueError("the AWQ GEMM checkpoint stores 4-bit weights; other bit widths are for "
                          "in-memory evaluation (salience eval --fake-quant)")
     m, tok = loaded if loaded is not None else load_fp(model, dtype=pick_dtype(dtype))[:2]
+    if loaded is not None:
+        for k, v in m.state_dict().items():
+            check_finite(k, v, "the model in memory")
     arch = arch or arch_for(m.config)
     check_group_size(m, qcfg, arch)
     save_dtype = getattr(torch, arch.dtype)
     rows = None
     t_data = time.time()
     if method == "awq":
-        rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
+        try:
+            rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
+        except DataError as e:
+            raise DataError(f"calibration text {calib}: {e}") if calib not in str(e) else e from None
     t_data = time.time() - t_data
     writer = CheckpointWriter(out, overwrite=overwrite)
-    keep_fp32 = fp32_names(m)
+    try:  # on any failure the partial folder goes; `out` appears only complete
+        keep_fp32 = fp32_names(m)
 
-    def add(tensors, module, prefix=""):
-        # tensors the model class keeps in fp32 (DeepSeek-V3's router) are written in fp32
-        tensors.update({prefix + k: v.float() for k, v in module.state_dict().items()
-                        if v.is_floating_point() and keep_fp32(prefix + k) and prefix + k in tensors})
-        writer.add({disk_name(arch, k): v for k, v in tensors.items()})
+        def add(tensors, module, prefix=""):
+            # tensors the model class keeps in fp32 (DeepSeek-V3's router) are written in fp32
+            tensors.update({prefix + k: v.float() for k, v in module.state_dict().items()
+                            if v.is_floating_point() and keep_fp32(prefix + k) and prefix + k in tensors})
+            writer.add({disk_name(arch, k): v for k, v in tensors.items()})
 
-    add(rest_tensors(m, arch.layers, save_dtype), m)
+        add(rest_tensors(m, arch.layers, save_dtype), m)
 
-    def on_block(res, block):
-        prefix = f"{arch.layers}.{res.index}."
-        add(block_tensors(prefix, block, res, save_dtype), block, prefix)
-        writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
+        def on_block(res, block):
+            prefix = f"{arch.layers}.{res.index}."
+            add(block_tensors(prefix, block, res, save_dtype), block, prefix)
+            writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
 
-    t_q = time.time()
-    scfg = scfg or SearchConfig()
-    reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress, arch)
-    t_q = time.time() - t_q
-    config = m.config.to_dict()
-    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch, m))
-    config["dtype"] = arch.dtype
-    config["architectures"] = [type(m).__name__]  # the class that loads it back (a VLM's, not a CausalLM)
-    config.pop("torch_dtype", None)
-    report = {
-        "salience_version": __version__, "model": str(model or "smollm2"), "method": method,
-        "bits": qcfg.bits, "group_size": qcfg.group_size,
-        "calibration": {"source": calib, "rows": n_rows, "seqlen": seqlen, "seed": seed} if rows is not None
-        else None,
-        "search": scfg.__dict__ if method == "awq" else None,
-        "compute": {"device": str(pick_device(device)), "dtype": str(pick_dtype(dtype)),
-                    "machine": platform.machine(), "torch": torch.__version__},
-        "seconds": {"calibration_data": round(t_data, 2), "quantize": round(t_q, 2),
-                    "total": round(time.time() - t0, 2)},
-        "blocks": reports,
-    }
-    (writer.tmp / ARCH).write_text(json.dumps(arch_to_dict(arch), indent=2))
-    path = writer.close(config, tok, report)
+        t_q = time.time()
+        scfg = scfg or SearchConfig()
+        reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress, arch)
+        t_q = time.time() - t_q
+        config = m.config.to_dict()
+        config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch, m))
+        config["dtype"] = arch.dtype
+        config["architectures"] = [type(m).__name__]  # the class that loads it back (a VLM's, not a CausalLM)
+        config.pop("torch_dtype", None)
+        report = {
+            "salience_version": __version__, "model": str(model or "smollm2"), "method": method,
+            "bits": qcfg.bits, "group_size": qcfg.group_size,
+            "calibration": {"source": calib, "rows": n_rows, "seqlen": seqlen, "seed": seed} if rows is not None
+            else None,
+            "search": scfg.__dict__ if method == "awq" else None,
+            "compute": {"device": str(pick_device(device)), "dtype": str(pick_dtype(dtype)),
+                        "machine": platform.machine(), "torch": torch.__version__},
+            "seconds": {"calibration_data": round(t_data, 2), "quantize": round(t_q, 2),
+                        "total": round(time.time() - t0, 2)},
+            "blocks": reports,
+        }
+        (writer.tmp / ARCH).write_text(json.dumps(arch_to_dict(arch), indent=2))
+        path = writer.close(config, tok, report)
+    except BaseException:
+        writer.abort()
+        raise
     return path, m, tok
 
 

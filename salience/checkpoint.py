@@ -28,7 +28,84 @@ ARCH = "salience_arch.json"  # the structure used (table entry or discovered); t
 
 
 class CheckpointError(ValueError):
-    pass
+    """A model or checkpoint file that is unreadable or disagrees with itself; the message names the file
+    or tensor."""
+
+
+# ---- validating what we read (shared by the engine's loader, load_quantized and load_fp) ------------------
+
+# A folder has a tokenizer if it holds one of these (fast tokenizer, sentencepiece, BPE vocab, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "tokenizer_config.json")
+
+
+def read_config(folder, trust_remote_code: bool = False):
+    """transformers' config of a folder (or hub id); CheckpointError naming config.json if unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # bad JSON, no model_type, unknown model_type
+        where = Path(folder) / "config.json" if isinstance(folder, Path) else folder
+        raise CheckpointError(f"{where}: unreadable model config ({str(e).splitlines()[0][:300]})") from None
+
+
+def read_tokenizer(folder, trust_remote_code: bool = False):
+    """transformers' tokenizer of a folder (or hub id); CheckpointError naming the folder if there is none."""
+    from transformers import AutoTokenizer
+
+    if isinstance(folder, Path) and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0][:300]})") from None
+
+
+def supported_quant(qc: dict) -> bool:
+    """The one quantized format we read: AWQ GEMM, 4-bit, with zero points."""
+    return (qc.get("quant_method") == "awq" and str(qc.get("version", "gemm")).lower() == "gemm"
+            and qc.get("bits", 4) == 4 and bool(qc.get("zero_point", True))
+            and isinstance(qc.get("group_size", 128), int) and qc.get("group_size", 128) > 0)
+
+
+def check_quant_config(config, where) -> int | None:
+    """The group size of a supported quantization_config, None when there is none; else CheckpointError."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if not supported_quant(qc):
+        shown = {k: qc.get(k) for k in ("quant_method", "version", "bits", "group_size", "zero_point") if k in qc}
+        raise CheckpointError(f"{where}/config.json: quantization_config {shown} is not supported (salience reads "
+                              "AWQ GEMM 4-bit checkpoints with zero points, and full-precision models)")
+    return qc.get("group_size", 128)
+
+
+def check_finite(name: str, t: torch.Tensor, where) -> torch.Tensor:
+    """t unchanged, or CheckpointError naming the tensor and file if it holds NaN or inf."""
+    if t.is_floating_point():
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            raise CheckpointError(f"{where}: tensor {name} has {bad} NaN/inf value(s) of {t.numel()}")
+    return t
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a folder: those of the index if there is one, else *.safetensors."""
+    idx = path / INDEX
+    if idx.exists():
+        try:
+            wm = json.loads(idx.read_text())["weight_map"]
+            names = sorted(set(wm.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{idx}: malformed index ({type(e).__name__}: {e})") from None
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise CheckpointError(f"{idx}: weight_map values must be file names in the folder")
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    return [f for f in files if f.name != SEARCH]
 
 
 class CheckpointWriter:
@@ -62,6 +139,11 @@ class CheckpointWriter:
         save_file(self.pending, self.tmp / f"shard-{i:05d}.safetensors", metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+
+    def abort(self):
+        """Remove the partial folder (the run failed); `out` is left as it was."""
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
 
     def close(self, config: dict, tokenizer=None, report: dict | None = None) -> Path:
         self._flush()
@@ -139,11 +221,10 @@ def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict
 
 # ---- reading ---------------------------------------------------------------------------------------------
 
-def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
-    idx = path / INDEX
-    files = sorted({path / f for f in json.loads(idx.read_text())["weight_map"].values()}) if idx.exists() \
-        else sorted(path.glob("*.safetensors"))
-    files = [f for f in files if f.name != SEARCH]
+def tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
+    """name -> (file, shape) over a folder's safetensors files, every header checked (a truncated or
+    corrupted file fails here, naming it)."""
+    files = safetensors_files(path)
     if not files:
         raise CheckpointError(f"{path}: no safetensors weights")
     shapes = {}
@@ -153,6 +234,8 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
         try:
             with safe_open(f, "pt") as sf:
                 for k in sf.keys():
+                    if k in shapes:
+                        raise CheckpointError(f"{f}: tensor {k} is also in {shapes[k][0].name}")
                     shapes[k] = (f, tuple(sf.get_slice(k).get_shape()))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
@@ -163,25 +246,21 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     """Load an AWQ GEMM checkpoint (ours or another tool's) into a transformers model whose quantized
     linears are QuantLinear. Returns (model, tokenizer)."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .arch import UnsupportedArchitecture, arch_for, arch_from_dict, disk_name, get_module
     from .moe import unfuse
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    qc = config.quantization_config
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "awq" or str(qc.get("version", "gemm")).lower() != "gemm" \
-            or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
-        raise CheckpointError(f"{path}: unsupported quantization_config {qc} (supported: awq, gemm, 4-bit, "
-                              "zero point)")
-    group_size = qc.get("group_size", 128)
+    config = read_config(path)
+    group_size = check_quant_config(config, path)
+    if group_size is None:
+        raise CheckpointError(f"{path}/config.json: no quantization_config (not a 4-bit checkpoint)")
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    shapes = _tensor_shapes(path)
+    shapes = tensor_shapes(path)
     # the class that was quantized (a VLM's ...ForConditionalGeneration, not its text-only CausalLM)
     # (a class registered with AutoModelForCausalLM by the user is not in transformers' namespace: the
     # auto class maps its config to it, or raises naming what it supports)
@@ -220,7 +299,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     for f, keys in by_file.items():
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
-                t = sf.get_tensor(file_key[k])
+                t = check_finite(file_key[k], sf.get_tensor(file_key[k]), f)
                 # floating tensors take the dtype the model gives them (dtype, or fp32 where the class
                 # keeps a module in fp32); packed scales stay fp16
                 want = expected[k].dtype if k in expected and expected[k].is_floating_point() else dtype
@@ -235,5 +314,5 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tok = read_tokenizer(path)
     return model.to(device).eval(), tok

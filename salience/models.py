@@ -10,12 +10,14 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import check_finite
 from .data import cache_dir
 
 DEFAULT_MODEL = "smollm2"
@@ -99,9 +101,16 @@ def materialize(model: str | None) -> Path | str:
         raise ModelError(f"loading GGUF needs the `gguf` extra: pip install 'salience[gguf]' ({e})") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(folder / gguf)
     print(f"converting {folder / gguf} to safetensors (once) -> {out}")
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    except (ValueError, KeyError, OSError, IndexError, struct.error) as e:  # a GGUF transformers cannot map
+        raise ModelError(f"{folder / gguf}: cannot convert this GGUF ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})") from None
+    for k, v in m.state_dict().items():
+        check_finite(k, v, folder / gguf)
     # transformers refuses to save a model loaded through its GGUF quantizer; the weights are plain
     # de-quantized tensors by now, so drop that marker.
     m.hf_quantizer = None
@@ -109,23 +118,58 @@ def materialize(model: str | None) -> Path | str:
         del m.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))
-    m.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    try:
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    finally:  # a failed write leaves no partial folder behind
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
+
+
+def check_shapes(src: Path, shapes: dict, auto, config):
+    """Tensor shapes in the files against the model that config.json builds (on meta: no memory), for the
+    names both have; tensor_shapes has already read every header (a truncated shard fails there)."""
+    from .nn import params_on_meta
+
+    with params_on_meta():
+        expected = auto.from_config(config).state_dict()
+    for k, (f, shape) in shapes.items():
+        if k in expected and tuple(expected[k].shape) != shape:
+            raise ModelError(f"{f}: tensor {k} has shape {shape}, config.json implies {tuple(expected[k].shape)}")
+
+
+def check_gguf(path: Path):
+    """Parse a GGUF's header and tensor table (gguf's reader) before converting it: a truncated or corrupted
+    file fails here, naming it."""
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(path)
+        size = path.stat().st_size
+        for t in r.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} ends past the end of the file")
+    except (ValueError, KeyError, IndexError, OSError, struct.error, TypeError) as e:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def is_quantized_checkpoint(path) -> bool:
     p = Path(path) / "config.json"
     if not p.exists():
         return False
-    qc = json.loads(p.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "awq"
+    try:
+        config = json.loads(p.read_text())
+    except (ValueError, OSError) as e:  # bad JSON or bad UTF-8
+        raise ModelError(f"{p}: unreadable model config ({e})") from None
+    qc = (config.get("quantization_config") if isinstance(config, dict) else None) or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "awq"
 
 
 def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """-> (model on the CPU, tokenizer, folder). Full-precision load; never unpickles unless asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = materialize(model)
     if isinstance(src, Path) and is_quantized_checkpoint(src):
@@ -137,18 +181,29 @@ def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_rem
                 raise ModelError(f"{src} holds only pickle weights ({bins[0].name}); loading them can run "
                                  "arbitrary code. Pass --allow-pickle if you trust the file.")
             raise ModelError(f"{src}: no *.safetensors weights found")
+    from transformers import AutoModelForImageTextToText
+
+    from .arch import VLMS
+    from .checkpoint import check_quant_config, read_config, read_tokenizer, tensor_shapes
+
+    config = read_config(src, trust_remote_code=trust_remote_code)
+    check_quant_config(config, src)
+    tok = read_tokenizer(src, trust_remote_code=trust_remote_code)
+    # a VLM loads with its vision tower (its class is not an AutoModelForCausalLM)
+    auto = AutoModelForImageTextToText if config.model_type in VLMS else AutoModelForCausalLM
+    shapes = {}
+    if isinstance(src, Path) and any(src.glob("*.safetensors")):
+        shapes = tensor_shapes(src)
+        check_shapes(src, shapes, auto, config)
     try:
-        from transformers import AutoConfig, AutoModelForImageTextToText
-
-        from .arch import VLMS
-
-        mt = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code).model_type
-        # a VLM loads with its vision tower (its class is not an AutoModelForCausalLM)
-        auto = AutoModelForImageTextToText if mt in VLMS else AutoModelForCausalLM
-        m = auto.from_pretrained(src, dtype=dtype or torch.float32,
-                                                 use_safetensors=not allow_pickle,
-                                                 trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        m = auto.from_pretrained(src, dtype=dtype or torch.float32, use_safetensors=not allow_pickle,
+                                 trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelError(f"could not load {src}: {e}") from None
+    except RuntimeError as e:  # transformers' size-mismatch report: its first line names the tensor
+        if "mismatch" not in str(e).lower() and "size" not in str(e).lower():
+            raise
+        raise ModelError(f"{src}: weights disagree with config.json ({str(e).splitlines()[0][:300]})") from None
+    for k, v in m.state_dict().items():
+        check_finite(k, v, shapes.get(k, (src,))[0])
     return m.eval(), tok, src

@@ -104,15 +104,23 @@ def test_group_size_that_does_not_divide(folder, tmp_path, capsys):
     assert "32" in err and not (tmp_path / "o").exists()
 
 
-def test_nan_activation_names_the_layer(folder, text, tmp_path, capsys):
+@pytest.mark.parametrize("value, where", [(float("nan"), "post_attention_layernorm.weight"),
+                                          (3e38, "mlp.gate_proj")])
+def test_nonfinite_names_the_tensor_or_layer(folder, text, tmp_path, capsys, value, where):
+    """A NaN weight is refused at load, naming the tensor and file; a finite weight whose activations
+    overflow is caught by the quantizer, naming the block and layer."""
     m = transformers.AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
-        m.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
+        m.model.layers[1].post_attention_layernorm.weight[:] = value
     m.save_pretrained(folder)
     err = _err(["quantize", "--model", str(folder), "--out", str(tmp_path / "o"), "--group-size", "32",
                 "--calib", str(text), "--calib-rows", "4", "--seqlen", "32"], capsys)
-    assert "block 1" in err and "mlp.gate_proj" in err and "NaN" in err
-    assert not (tmp_path / "o").exists()
+    assert where in err and "NaN" in err
+    if value == 3e38:
+        assert "block 1" in err
+    else:
+        assert "model.safetensors" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 def test_missing_calibration_file(folder, tmp_path, capsys):

@@ -29,16 +29,18 @@ def load(model: str | None, device=None, dtype=None, cuda_graph: bool = True, co
     cuda_graph / compile (GPU): capture decode in a CUDA graph / fuse its elementwise ops with torch.compile.
     backend: "auto" (the engine's decoder when the architecture has an entry, else transformers with a
     message), "engine" (error if unsupported) or "transformers"."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from ..api import pick_device, pick_dtype
+    from ..checkpoint import check_quant_config, read_config, read_tokenizer
     from ..models import materialize
     from .weights import from_folder
 
     dev, dt = pick_device(device), pick_dtype(dtype)
     folder = materialize(model)
-    hf = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    hf = read_config(folder, trust_remote_code=trust_remote_code)
+    check_quant_config(hf, folder)  # an unsupported format is an error, not a reason to fall back
+    tok = read_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         gc = GenerationConfig.from_pretrained(folder)
     except OSError:  # no generation_config.json: EOS from config and tokenizer only

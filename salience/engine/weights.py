@@ -7,13 +7,13 @@ Names: Hugging Face's `model.layers.{i}.self_attn.q_proj.weight` etc. map to the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..checkpoint import CheckpointError, check_finite, check_quant_config, tensor_shapes
 from ..kernels import PackedInt4
 from .model import Config, Int4Linear, Transformer, Unsupported, inv_freq
 
@@ -32,49 +32,83 @@ SANDWICH_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attent
 
 
 class Source:
-    """Tensors by HF name: safetensors files of a folder (read lazily) or a dict."""
+    """Tensors by HF name: safetensors files of a folder (read lazily; headers checked up front, every tensor
+    checked for NaN/inf as it is read) or a dict."""
 
     def __init__(self, tensors: dict | None = None, folder: Path | None = None):
-        self.tensors, self.files = tensors, {}
-        if folder is not None:
-            idx = folder / "model.safetensors.index.json"
-            names = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() \
-                else [f.name for f in sorted(folder.glob("*.safetensors"))]
-            for name in names:
-                if name == "salience_search.safetensors":
-                    continue
-                with safe_open(folder / name, "pt") as f:
-                    for k in f.keys():
-                        self.files[k] = folder / name
-            if not self.files:
-                raise FileNotFoundError(f"{folder}: no safetensors weights")
+        self.tensors, self.folder = tensors, folder
+        self.files = tensor_shapes(folder) if folder is not None else {}  # name -> (file, shape)
 
     def __contains__(self, k):
         return k in (self.tensors if self.tensors is not None else self.files)
 
+    def where(self, k) -> str:
+        return str(self.files[k][0]) if k in self.files else "the model in memory"
+
+    def shape(self, k) -> tuple:
+        self._need(k)
+        return tuple(self.tensors[k].shape) if self.tensors is not None else self.files[k][1]
+
+    def _need(self, k):
+        if k not in self:
+            raise CheckpointError(f"{self.folder or 'the model in memory'}: tensor {k} is missing")
+
     def get(self, k, device="cpu") -> torch.Tensor:
+        self._need(k)
         if self.tensors is not None:
             return self.tensors[k].to(device)
-        with safe_open(self.files[k], "pt", device=str(device)) as f:
-            return f.get_tensor(k)
+        with safe_open(self.files[k][0], "pt", device=str(device)) as f:
+            return check_finite(k, f.get_tensor(k), self.files[k][0])
+
+    def expect(self, k, shape: tuple):
+        if self.shape(k) != tuple(shape):
+            raise CheckpointError(f"{self.where(k)}: tensor {k} has shape {self.shape(k)}, config.json implies "
+                                  f"{tuple(shape)}")
 
 
-def _linear(src: Source, names: list[str], group_size: int | None, device, dtype) -> nn.Module:
-    """Fuse the HF linears `names` (rows in order) into one dense or 4-bit linear on device."""
+def _check_linear(src: Source, names: list[str], quant: bool, group_size: int | None, k: int, n: int):
+    """The shapes of the HF linears fused into one [k -> n] linear, against config.json."""
+    outs = []
+    for name in names:
+        if quant:
+            qw = src.shape(name + ".qweight")
+            if len(qw) != 2 or qw[0] != k:
+                src.expect(name + ".qweight", (k, *qw[1:]) if len(qw) == 2 else (k, "N/8"))
+            g = -(-k // group_size)
+            src.expect(name + ".scales", (g, qw[1] * 8))
+            src.expect(name + ".qzeros", (g, qw[1]))
+            outs.append(qw[1] * 8)
+        else:
+            w = src.shape(name + ".weight")
+            if len(w) != 2 or w[1] != k:
+                src.expect(name + ".weight", (w[0] if w else "N", k))
+            outs.append(w[0])
+    if sum(outs) != n:
+        raise CheckpointError(f"{src.where(names[0] + ('.qweight' if quant else '.weight'))}: {names} have "
+                              f"{sum(outs)} output rows together, config.json implies {n}")
+    for name in names:
+        if name + ".bias" in src:
+            src.expect(name + ".bias", (outs[names.index(name)],))
+
+
+def _linear(src: Source, names: list[str], group_size: int | None, device, dtype, k: int, n: int) -> nn.Module:
+    """Fuse the HF linears `names` (rows in order) into one dense or 4-bit [k -> n] linear on device."""
     quant = [n + ".qweight" in src for n in names]
     bias = [n + ".bias" in src for n in names]
     if any(bias) and not all(bias):
         raise Unsupported(f"bias on some of {names} only")
-    b = torch.cat([src.get(n + ".bias", device) for n in names]).to(dtype) if all(bias) else None
+    if all(quant) and group_size is None:
+        raise CheckpointError(f"{src.where(names[0] + '.qweight')}: {names[0]} is quantized but config.json has "
+                              "no quantization_config")
+    if any(quant) and not all(quant):
+        raise Unsupported(f"{names} mix 4-bit and full-precision weights: cannot fuse them")
+    _check_linear(src, names, all(quant), group_size, k, n)
+    b = torch.cat([src.get(nm + ".bias", device) for nm in names]).to(dtype) if all(bias) else None
     if all(quant):
-        if group_size is None:
-            raise Unsupported(f"{names[0]} is quantized but config.json has no quantization_config")
         # AWQ GEMM keeps N last in all three tensors: concatenating along dim 1 concatenates output rows
         qw, qz, sc = (torch.cat([src.get(n + suffix) for n in names], dim=1)
                       for suffix in (".qweight", ".qzeros", ".scales"))
         return Int4Linear(PackedInt4.from_awq(qw, qz, sc, group_size, device=device, dtype=dtype), b)
-    if any(quant):
-        raise Unsupported(f"{names} mix 4-bit and full-precision weights: cannot fuse them")
     w = torch.cat([src.get(n + ".weight", device) for n in names]).to(dtype)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
@@ -112,18 +146,27 @@ def build(c: Config, src: Source, group_size: int | None, device="cpu", dtype=to
     with torch.device("meta"):
         model = Transformer(c)
     norms = SANDWICH_NORMS if c.sandwich else NORMS
+
+    def linear(ours, theirs):  # shapes [k -> n] from the meta model, i.e. from config.json
+        meta = model.get_submodule(ours)
+        _set(model, ours, _linear(src, theirs, group_size, device, dtype, meta.in_features, meta.out_features))
+
+    def param(ours, theirs):
+        src.expect(theirs, model.get_parameter(ours).shape)
+        _set(model, ours, _param(src.get(theirs, device), dtype))
+
     for i in range(c.n_layers):
         hf = f"{prefix}layers.{i}."
         for ours, theirs in LINEARS.items():
-            _set(model, f"layers.{i}.{ours}", _linear(src, [hf + n for n in theirs], group_size, device, dtype))
+            linear(f"layers.{i}.{ours}", [hf + n for n in theirs])
         for ours, theirs in norms.items():
             if ours.startswith("attn.") and not c.qk_norm:
                 continue
-            _set(model, f"layers.{i}.{ours}.weight", _param(src.get(hf + theirs + ".weight", device), dtype))
-    model.embed.weight = _param(src.get(prefix + "embed_tokens.weight", device), dtype)
-    model.norm.weight = _param(src.get(prefix + "norm.weight", device), dtype)
+            param(f"layers.{i}.{ours}.weight", hf + theirs + ".weight")
+    param("embed.weight", prefix + "embed_tokens.weight")
+    param("norm.weight", prefix + "norm.weight")
     if "lm_head.weight" in src or "lm_head.qweight" in src:
-        model.output = _linear(src, ["lm_head"], group_size, device, dtype)
+        linear("output", ["lm_head"])
     elif c.tie:
         model.output.weight = model.embed.weight
     else:
@@ -131,24 +174,12 @@ def build(c: Config, src: Source, group_size: int | None, device="cpu", dtype=to
     return _finish(model, device)
 
 
-def quant_group_size(hf_config) -> int | None:
-    """The group size of an AWQ GEMM checkpoint's quantization_config, None when not quantized."""
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "awq" or str(qc.get("version", "gemm")).lower() != "gemm" \
-            or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
-        raise Unsupported(f"quantization_config {qc} (engine: awq, gemm, 4-bit, zero point)")
-    return qc.get("group_size", 128)
-
-
 def from_folder(folder: Path, device="cpu", dtype=torch.float16) -> Transformer:
-    from transformers import AutoConfig
+    from ..checkpoint import read_config
 
-    hf = AutoConfig.from_pretrained(folder)
+    hf = read_config(folder)
     c = Config.from_hf(hf)
-    return build(c, Source(folder=Path(folder)), quant_group_size(hf), device, dtype)
+    return build(c, Source(folder=Path(folder)), check_quant_config(hf, folder), device, dtype)
 
 
 def from_hf_model(m, device="cpu", dtype=None) -> Transformer:
