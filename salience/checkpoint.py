@@ -300,6 +300,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
                 t = check_finite(file_key[k], sf.get_tensor(file_key[k]), f)
+                if k.endswith((".qweight", ".qzeros")) and t.dtype != torch.int32 or \
+                        k.endswith(".scales") and not t.is_floating_point():
+                    raise CheckpointError(f"{f}: tensor {file_key[k]} has dtype {t.dtype}, AWQ GEMM stores "
+                                          "int32 qweight/qzeros and floating-point scales")
                 # floating tensors take the dtype the model gives them (dtype, or fp32 where the class
                 # keeps a module in fp32); packed scales stay fp16
                 want = expected[k].dtype if k in expected and expected[k].is_floating_point() else dtype

@@ -91,6 +91,16 @@ def _check_linear(src: Source, names: list[str], quant: bool, group_size: int | 
             src.expect(name + ".bias", (outs[names.index(name)],))
 
 
+def _awq_dtype(src: Source, k: str) -> torch.Tensor:
+    """An AWQ GEMM tensor, its dtype checked: int32 words for qweight/qzeros, floating scales."""
+    t = src.get(k)
+    ok = t.is_floating_point() if k.endswith(".scales") else t.dtype == torch.int32
+    if not ok:
+        raise CheckpointError(f"{src.where(k)}: tensor {k} has dtype {t.dtype}, AWQ GEMM stores "
+                              f"{'floating-point scales' if k.endswith('.scales') else 'int32 words'}")
+    return t
+
+
 def _linear(src: Source, names: list[str], group_size: int | None, device, dtype, k: int, n: int) -> nn.Module:
     """Fuse the HF linears `names` (rows in order) into one dense or 4-bit [k -> n] linear on device."""
     quant = [n + ".qweight" in src for n in names]
@@ -106,7 +116,7 @@ def _linear(src: Source, names: list[str], group_size: int | None, device, dtype
     b = torch.cat([src.get(nm + ".bias", device) for nm in names]).to(dtype) if all(bias) else None
     if all(quant):
         # AWQ GEMM keeps N last in all three tensors: concatenating along dim 1 concatenates output rows
-        qw, qz, sc = (torch.cat([src.get(n + suffix) for n in names], dim=1)
+        qw, qz, sc = (torch.cat([_awq_dtype(src, n + suffix) for n in names], dim=1)
                       for suffix in (".qweight", ".qzeros", ".scales"))
         return Int4Linear(PackedInt4.from_awq(qw, qz, sc, group_size, device=device, dtype=dtype), b)
     w = torch.cat([src.get(n + ".weight", device) for n in names]).to(dtype)
