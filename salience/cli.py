@@ -251,8 +251,13 @@ def cmd_chat(a):
 
 
 def cmd_serve(a):
+    import importlib.util
+
     from .serve import serve
 
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:  # before loading the model
+        raise ValueError(f"salience serve needs {' and '.join(missing)}: pip install 'salience[serve]'")
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port {a.port}: must be 1..65535")
     name = a.served_model_name or (Path(a.model).name.replace(".gguf", "") if a.model else "smollm2")
