@@ -257,8 +257,10 @@ class Channel:
 
 def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]:
     """Token ids per choice, checked against the context; RequestError when they do not fit."""
+    from .engine.generate import _vocab
+
     max_pos = engine.runner.max_pos
-    vocab = len(engine.tok)
+    vocab = min(len(engine.tok), _vocab(engine.runner))  # ids the tokenizer knows and the model embeds
     with lock:
         if r.kind == "chat":
             try:
@@ -440,6 +442,11 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return _error(RequestError(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code, code=code))
 
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # a bug of ours: say so in the API's schema, and log it
+        print(f"salience serve: {request.method} {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _error(RequestError(f"internal error: {type(exc).__name__}", 500, type="server_error"))
+
     @app.middleware("http")
     async def auth(request: HTTPRequest, call_next):
         if api_key is not None and request.url.path.startswith("/v1"):
@@ -461,14 +468,15 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
 
     async def body(request: HTTPRequest) -> bytes:
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+        if size is not None and size.isdigit() and int(size) > 8 * MAX_BODY:  # not worth reading: hang up
             raise RequestError(f"request body of {size} bytes exceeds {MAX_BODY}", status=413)
         chunks, n = [], 0
-        async for c in request.stream():
-            n += len(c)
-            if n > MAX_BODY:
-                raise RequestError(f"request body exceeds {MAX_BODY} bytes", status=413)
-            chunks.append(c)
+        async for c in request.stream():  # a body up to 8x the limit is read and dropped, so that the
+            n += len(c)                   # client gets the 413 rather than a reset connection
+            if n <= MAX_BODY:
+                chunks.append(c)
+        if n > MAX_BODY:
+            raise RequestError(f"request body of {n} bytes exceeds {MAX_BODY}", status=413)
         return b"".join(chunks)
 
     async def handle(kind: str, request: HTTPRequest):

@@ -279,3 +279,19 @@ def test_fuzz_parse_request_short(kind, raw):
         parse_request(kind, raw, {"m"})
     except RequestError as e:
         assert 400 <= e.status < 500 and e.message
+
+
+def test_body_too_large(server, client):
+    got, err = _post(server[0] + "/v1/completions", b'{"model": "x", "prompt": "' + b"a" * (9 << 20) + b'"}')
+    assert got == 413 and err["error"]["message"]
+    test_models(client)
+
+
+def test_client_that_goes_away_frees_its_row(server, client):
+    """Read two chunks of a long stream, hang up; the server stops that row and keeps serving."""
+    s = client.completions.create(model=NAME, prompt="the quick", max_tokens=200, temperature=0, stream=True)
+    it = iter(s)
+    next(it), next(it)
+    s.close()
+    r = client.completions.create(model=NAME, prompt="the quick", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens <= 3
