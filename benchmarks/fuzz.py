@@ -50,6 +50,12 @@ FIXED = [
     "build: a qweight stored as U32 (or any non-int32 dtype) reached the int4 unpacking and failed there "
     "(RuntimeError: promotion for uint32) -> the engine's loader and load_quantized check AWQ tensor dtypes "
     "(int32 qweight/qzeros, floating scales) and raise CheckpointError naming the tensor and file",
+    "hf: a `.qweight` whose name is not a linear of the model (`...down_proj.scales.qweight`, "
+    "`...weight.qweight`) -> AttributeError from get_submodule (33 of 3000 inputs) -> CheckpointError naming "
+    "the tensor",
+    "hf: a 1-d `.qweight` -> ValueError unpacking its shape -> CheckpointError with the shape",
+    "hf: an integer tensor where the model has a floating one (an I16 norm or embedding) -> RuntimeError in "
+    "the matmul -> load_quantized and the engine's builder check floating dtypes, naming the tensor",
 ]
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16",
           "U32", "U64", "XX", ""]

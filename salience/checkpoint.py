@@ -284,11 +284,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     shapes = {k: shapes[fk] for k, fk in file_key.items()}
     for name in [k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")]:
         parent, _, leaf = name.rpartition(".")
-        old = model.get_submodule(name)
-        k, n8 = shapes[name + ".qweight"][1]
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (k, n8 * 8):
-            raise CheckpointError(f"{path}: {name}.qweight has shape {(k, n8)} but the model built from "
+        f, shape = shapes[name + ".qweight"]
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{f}: tensor {file_key[name + '.qweight']} names no linear layer of the model "
+                                  "built from config.json")
+        if len(shape) != 2 or (old.in_features, old.out_features) != (shape[0], shape[1] * 8):
+            raise CheckpointError(f"{f}: {name}.qweight has shape {shape} but the model built from "
                                   f"config.json has {old}")
+        k, n8 = shape
         setattr(model.get_submodule(parent), leaf,
                 QuantLinear(k, n8 * 8, old.bias is not None, group_size, dtype=dtype, device="meta"))
     expected = model.state_dict()
@@ -300,6 +307,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
                 t = check_finite(file_key[k], sf.get_tensor(file_key[k]), f)
+                if k in expected and expected[k].is_floating_point() != t.is_floating_point():
+                    raise CheckpointError(f"{f}: tensor {file_key[k]} has dtype {t.dtype}, the model expects "
+                                          f"{expected[k].dtype}")
                 if k.endswith((".qweight", ".qzeros")) and t.dtype != torch.int32 or \
                         k.endswith(".scales") and not t.is_floating_point():
                     raise CheckpointError(f"{f}: tensor {file_key[k]} has dtype {t.dtype}, AWQ GEMM stores "

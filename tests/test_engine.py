@@ -329,7 +329,7 @@ def test_real_gemma3_270m_matches_transformers():
     assert generate_ids(eng.runner, [q], SamplingParams(max_new_tokens=16)) == [_hf_greedy(m, q, 16)]
 
 
-@pytest.mark.parametrize("cmd", [["chat"], ["bench", "decode"]])
+@pytest.mark.parametrize("cmd", [["chat"], ["serve"], ["bench", "decode"]])
 def test_help(cmd, capsys):
     from salience.cli import main
 

@@ -130,6 +130,26 @@ def test_broken_config_and_index(good, tmp_path, kind):
         _all_fail(kind, d, "model.safetensors.index.json")
 
 
+@pytest.mark.parametrize("change", ["int_norm", "int_qweight", "stray_qweight", "flat_qweight"])
+def test_wrong_dtypes_and_stray_tensors(good, tmp_path, change):
+    """What the fuzzer found: dtypes the loaders once passed on to the kernels, names that are no layer."""
+    d, f = _copy(good, "w4", tmp_path)
+    t = load_file(f)
+    q = "model.layers.0.mlp.down_proj.qweight"
+    name = {"int_norm": "model.norm.weight", "stray_qweight": "model.layers.0.mlp.down_proj.scales.qweight"}.get(
+        change, q)
+    if change == "int_norm":
+        t[name] = t[name].to(torch.int16)
+    elif change == "int_qweight":
+        t[q] = t[q].float()
+    elif change == "stray_qweight":
+        t[name] = t[q].clone()
+    else:
+        t[q] = t[q].flatten().contiguous()
+    save_file(t, f, metadata={"format": "pt"})
+    _all_fail("w4", d, name)
+
+
 @pytest.mark.parametrize("kind", ["fp", "w4"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_weights(good, tmp_path, kind, value):

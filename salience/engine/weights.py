@@ -38,6 +38,12 @@ class Source:
     def __init__(self, tensors: dict | None = None, folder: Path | None = None):
         self.tensors, self.folder = tensors, folder
         self.files = tensor_shapes(folder) if folder is not None else {}  # name -> (file, shape)
+        self.used: set[str] = set()
+
+    def unused(self) -> list[str]:
+        """Tensors nobody read (rotary caches some checkpoints carry aside)."""
+        names = self.tensors if self.tensors is not None else self.files
+        return sorted(k for k in names if k not in self.used and not k.endswith("rotary_emb.inv_freq"))
 
     def __contains__(self, k):
         return k in (self.tensors if self.tensors is not None else self.files)
@@ -55,6 +61,7 @@ class Source:
 
     def get(self, k, device="cpu") -> torch.Tensor:
         self._need(k)
+        self.used.add(k)
         if self.tensors is not None:
             return self.tensors[k].to(device)
         with safe_open(self.files[k][0], "pt", device=str(device)) as f:
@@ -91,6 +98,13 @@ def _check_linear(src: Source, names: list[str], quant: bool, group_size: int | 
             src.expect(name + ".bias", (outs[names.index(name)],))
 
 
+def _floating(src: Source, k: str, device) -> torch.Tensor:
+    t = src.get(k, device)
+    if not t.is_floating_point():
+        raise CheckpointError(f"{src.where(k)}: tensor {k} has dtype {t.dtype}, expected floating point")
+    return t
+
+
 def _awq_dtype(src: Source, k: str) -> torch.Tensor:
     """An AWQ GEMM tensor, its dtype checked: int32 words for qweight/qzeros, floating scales."""
     t = src.get(k)
@@ -113,13 +127,13 @@ def _linear(src: Source, names: list[str], group_size: int | None, device, dtype
     if any(quant) and not all(quant):
         raise Unsupported(f"{names} mix 4-bit and full-precision weights: cannot fuse them")
     _check_linear(src, names, all(quant), group_size, k, n)
-    b = torch.cat([src.get(nm + ".bias", device) for nm in names]).to(dtype) if all(bias) else None
+    b = torch.cat([_floating(src, nm + ".bias", device) for nm in names]).to(dtype) if all(bias) else None
     if all(quant):
         # AWQ GEMM keeps N last in all three tensors: concatenating along dim 1 concatenates output rows
         qw, qz, sc = (torch.cat([_awq_dtype(src, n + suffix) for n in names], dim=1)
                       for suffix in (".qweight", ".qzeros", ".scales"))
         return Int4Linear(PackedInt4.from_awq(qw, qz, sc, group_size, device=device, dtype=dtype), b)
-    w = torch.cat([src.get(n + ".weight", device) for n in names]).to(dtype)
+    w = torch.cat([_floating(src, n + ".weight", device) for n in names]).to(dtype)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
     if b is not None:
@@ -163,7 +177,7 @@ def build(c: Config, src: Source, group_size: int | None, device="cpu", dtype=to
 
     def param(ours, theirs):
         src.expect(theirs, model.get_parameter(ours).shape)
-        _set(model, ours, _param(src.get(theirs, device), dtype))
+        _set(model, ours, _param(_floating(src, theirs, device), dtype))
 
     for i in range(c.n_layers):
         hf = f"{prefix}layers.{i}."
@@ -181,6 +195,9 @@ def build(c: Config, src: Source, group_size: int | None, device="cpu", dtype=to
         model.output.weight = model.embed.weight
     else:
         raise Unsupported("no lm_head weights and tie_word_embeddings is false")
+    left = src.unused()
+    if left:  # weights the decoder has no place for: running without them would be wrong, not slower
+        raise Unsupported(f"{len(left)} tensor(s) the engine's decoder does not use, e.g. {left[:3]}")
     return _finish(model, device)
 
 
