@@ -20,6 +20,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -150,7 +151,7 @@ def main(argv=None):
     port = free_port()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".server.log")
+    log_path = Path(tempfile.gettempdir()) / f"salience-serve-bench-{port}.log"  # the server's stderr
     load_before = os.getloadavg()
     with open(log_path, "w") as log:
         proc = start_server(a, model, port, log)
@@ -181,6 +182,7 @@ def main(argv=None):
         "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
         "failed": len(failed), "errors": sorted({r["error"] for r in failed if r})[:5],
         "server_batches": batches, "mean_batch_rows": round(rows / batches, 1) if batches else 0,
+        "batch_sizes": h1["last_batch_sizes"][-batches:] if batches else [],
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"), "python": platform.python_version(),
     }
     md = [f"# `salience serve` load test on {res['machine']}", "",
@@ -194,7 +196,7 @@ def main(argv=None):
           "|---:|---:|---:|---:|---:|---:|---:|---:|",
           f"| {res['requests_per_s']} | {res['tokens_per_s']} | {res['latency_p50_s']} s | {res['latency_p99_s']} s "
           f"| {res['ttft_p50_s']} s | {res['ttft_p99_s']} s | {res['failed']} | {batches} ({res['mean_batch_rows']}) |",
-          "", f"Wall {res['wall_s']} s for {res['tokens']} generated tokens."]
+          "", f"Wall {res['wall_s']} s for {res['tokens']} generated tokens; batch sizes {res['batch_sizes']}."]
     if res["errors"]:
         md += ["", "Errors: " + "; ".join(res["errors"])]
     for suffix, text in ((".md", "\n".join(md) + "\n"), (".json", json.dumps(res, indent=2))):

@@ -262,7 +262,7 @@ def cmd_serve(a):
         raise ValueError(f"--port {a.port}: must be 1..65535")
     name = a.served_model_name or (Path(a.model).name.replace(".gguf", "") if a.model else "smollm2")
     serve(_engine(a), name, a.host, a.port, a.api_key or os.environ.get("SALIENCE_API_KEY"), a.max_batch,
-          a.kv_tokens, a.log_requests)
+          a.kv_tokens, a.log_requests, a.batch_window_ms)
 
 
 def cmd_bench(a):
@@ -369,6 +369,8 @@ def build_parser():
     s.add_argument("--max-batch", type=int, default=32, help="rows per batch (default 32)")
     s.add_argument("--kv-tokens", type=int, default=1 << 16,
                    help="KV-cache budget of one batch, rows x (prompt + new tokens) (default 65536)")
+    s.add_argument("--batch-window-ms", type=float, default=20,
+                   help="after a request arrives at an idle server, wait this long for others to batch with it")
     s.add_argument("--log-requests", action="store_true", help="uvicorn's access log")
     _add_run_args(s)
     _add_engine_args(s)

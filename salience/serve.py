@@ -239,6 +239,7 @@ class Job:
     index: int
     out: "Channel"
     cancelled: bool = False
+    since: float = field(default_factory=time.monotonic)  # when it was queued
 
 
 class Channel:
@@ -303,14 +304,16 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
 class Scheduler:
     """Owns the engine. One thread: take the waiting jobs that can share a batch, run them, repeat."""
 
-    def __init__(self, engine, max_batch: int = 32, kv_tokens: int = 1 << 16):
+    def __init__(self, engine, max_batch: int = 32, kv_tokens: int = 1 << 16, window_ms: float = 20):
         self.engine, self.max_batch, self.kv_tokens = engine, max_batch, kv_tokens
+        self.window = window_ms / 1000  # after the first arrival, wait this long for others to join
         self.lock = threading.Lock()  # the tokenizer: encode on request threads, decode here
         self.waiting: list[Job] = []
         self.cv = threading.Condition()
         self.stopping = False
         self.batches = 0  # counters for /health and the benchmark
         self.rows = 0
+        self.sizes: list[int] = []  # rows of the last batches
         self.thread = threading.Thread(target=self._loop, name="salience-scheduler", daemon=True)
         self.thread.start()
 
@@ -348,6 +351,16 @@ class Scheduler:
             with self.cv:
                 while not self.waiting and not self.stopping:
                     self.cv.wait()
+                # requests sent together arrive spread over some milliseconds: collect them until none has
+                # come for one window (at most 5 windows; not when the batch is full, nor for jobs that
+                # already waited through a batch)
+                first = time.monotonic()
+                while not self.stopping and len(self.waiting) < self.max_batch and first - self.waiting[0].since \
+                        < self.window and time.monotonic() - first < 5 * self.window:
+                    quiet = self.waiting[-1].since + self.window - time.monotonic()
+                    if quiet <= 0:
+                        break
+                    self.cv.wait(timeout=quiet)
                 if self.stopping:
                     return
                 batch = self._take()
@@ -374,6 +387,7 @@ class Scheduler:
         trims = [StopTrimmer(eng.tok, j.stop) for j in batch]
         left = set(range(len(batch)))
         self.batches, self.rows = self.batches + 1, self.rows + len(batch)
+        self.sizes = (self.sizes + [len(batch)])[-64:]
 
         def finish(i, reason):
             with self.lock:
@@ -420,14 +434,15 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32, kv_tokens: int = 1 << 16):
+def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32, kv_tokens: int = 1 << 16,
+             window_ms: float = 20):
     """The FastAPI app serving `engine` as model `name`. app.state.scheduler runs the batches."""
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
 
-    sched = Scheduler(engine, max_batch=max_batch, kv_tokens=kv_tokens)
+    sched = Scheduler(engine, max_batch=max_batch, kv_tokens=kv_tokens, window_ms=window_ms)
     created = int(time.time())
 
     async def lifespan(app):
@@ -459,7 +474,8 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": sched.batches, "rows": sched.rows}
+        return {"status": "ok", "model": name, "batches": sched.batches, "rows": sched.rows,
+                "last_batch_sizes": sched.sizes, "waiting": len(sched.waiting)}
 
     @app.get("/v1/models")
     async def models():
@@ -565,10 +581,10 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
 
 
 def serve(engine, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 32, kv_tokens: int = 1 << 16, log_requests: bool = False):
+          max_batch: int = 32, kv_tokens: int = 1 << 16, log_requests: bool = False, window_ms: float = 20):
     import uvicorn
 
-    app = make_app(engine, name, api_key, max_batch, kv_tokens)
+    app = make_app(engine, name, api_key, max_batch, kv_tokens, window_ms)
     print(f"salience serve: {name} ({engine.kind}, {engine.runner.device}) on http://{host}:{port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if log_requests else "warning",
