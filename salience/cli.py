@@ -260,9 +260,14 @@ def cmd_serve(a):
         raise ValueError(f"salience serve needs {' and '.join(missing)}: pip install 'salience[serve]'")
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port {a.port}: must be 1..65535")
+    if a.max_batch < 1 or a.kv_tokens < 1 or a.batch_window_ms < 0:
+        raise ValueError("--max-batch and --kv-tokens must be >= 1, --batch-window-ms >= 0")
+    key = a.api_key or os.environ.get("SALIENCE_API_KEY")
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"salience serve: warning: listening on {a.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
     name = a.served_model_name or (Path(a.model).name.replace(".gguf", "") if a.model else "smollm2")
-    serve(_engine(a), name, a.host, a.port, a.api_key or os.environ.get("SALIENCE_API_KEY"), a.max_batch,
-          a.kv_tokens, a.log_requests, a.batch_window_ms)
+    serve(_engine(a), name, a.host, a.port, key, a.max_batch, a.kv_tokens, a.log_requests, a.batch_window_ms)
 
 
 def cmd_bench(a):
