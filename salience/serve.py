@@ -233,13 +233,14 @@ def parse_request(kind: str, raw: bytes, models: set[str]) -> Request:
 class Job:
     """One choice of one request: a row of a batch."""
     ids: list
-    max_tokens: int
+    max_tokens: int  # for a `fill` job: the most it may get, alone
     key: tuple  # the sampling settings; only jobs with equal keys share a batch
     stop: list
     index: int
     out: "Channel"
     cancelled: bool = False
     since: float = field(default_factory=time.monotonic)  # when it was queued
+    fill: bool = False  # no max_tokens given (chat): up to the context, which the batch's longest prompt sets
 
 
 class Channel:
@@ -258,6 +259,8 @@ class Channel:
 
 def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]:
     """Token ids per choice, checked against the context; RequestError when they do not fit."""
+    from jinja2 import TemplateError
+
     from .engine.generate import _vocab
 
     max_pos = engine.runner.max_pos
@@ -268,9 +271,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
                 rows = [engine.encode_chat(r.messages)]
             except ValueError as e:  # no chat template
                 raise RequestError(str(e), param="messages", code="invalid_value") from None
-            except Exception as e:
-                if type(e).__module__.split(".")[0] != "jinja2":
-                    raise
+            except TemplateError as e:  # the template's own checks (e.g. roles must alternate)
                 raise RequestError(f"the model's chat template rejected the messages: {e}", param="messages",
                                    code="invalid_value") from None
         else:
@@ -288,6 +289,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
             raise RequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param,
                                code="invalid_value")
         n = r.max_tokens
+        fill = n is None and r.kind == "chat"
         if n is None:
             n = 16 if r.kind == "completion" else max_pos - len(ids)
         if len(ids) + n > max_pos:
@@ -297,7 +299,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
         if n < 1:
             raise RequestError(f"the prompt ({len(ids)} tokens) leaves no room in the {max_pos}-token context",
                                param=param, code="context_length_exceeded")
-        jobs.append(Job(ids, n, key, r.stop, i, out))
+        jobs.append(Job(ids, n, key, r.stop, i, out, fill=fill))
     return jobs
 
 
@@ -332,18 +334,25 @@ class Scheduler:
         """FIFO: the oldest job, then later ones with its key while the batch fits max_batch, the model's
         positions and the KV budget (rows x slots)."""
         max_pos = self.engine.runner.max_pos
+
+        def need(lo, nw, fill):  # slots per row: a `fill` job stretches the batch to the whole context
+            return max_pos if fill else lo + nw
+
         first, rest = self.waiting[0], self.waiting[1:]
-        batch, longest, new = [first], len(first.ids), first.max_tokens
+        batch, longest, new, fill = [first], len(first.ids), 0 if first.fill else first.max_tokens, first.fill
         keep = []
         for j in rest:
-            lo, nw = max(longest, len(j.ids)), max(new, j.max_tokens)
-            if (j.key == first.key and len(batch) < self.max_batch and lo + nw <= max_pos
-                    and (len(batch) + 1) * (lo + nw) <= self.kv_tokens):
+            lo, nw, fl = max(longest, len(j.ids)), max(new, 0 if j.fill else j.max_tokens), fill or j.fill
+            if (j.key == first.key and len(batch) < self.max_batch and lo + nw <= max_pos and lo < max_pos
+                    and (len(batch) + 1) * need(lo, nw, fl) <= self.kv_tokens):
                 batch.append(j)
-                longest, new = lo, nw
+                longest, new, fill = lo, nw, fl
             else:
                 keep.append(j)
         self.waiting = keep
+        for j in batch:  # a fill job gets what the batch's longest prompt leaves of the context
+            if j.fill:
+                j.max_tokens = max_pos - longest
         return batch
 
     def _loop(self):

@@ -295,3 +295,38 @@ def test_client_that_goes_away_frees_its_row(server, client):
     s.close()
     r = client.completions.create(model=NAME, prompt="the quick", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens <= 3
+
+
+def test_chat_without_max_tokens_fills_the_context(client):
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "the quick brown"}],
+                                       temperature=0)
+    assert r.usage.total_tokens <= 256  # the tiny model's positions
+    assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 256
+
+
+def test_take_groups_by_key_and_fits_the_context():
+    """The scheduler's batch choice, without a thread: FIFO, same sampling key, positions and KV budget;
+    jobs without max_tokens (chat) share a batch and get what its longest prompt leaves."""
+    from types import SimpleNamespace
+
+    from salience.serve import Job, Scheduler
+
+    s = Scheduler.__new__(Scheduler)
+    s.engine = SimpleNamespace(runner=SimpleNamespace(max_pos=100))
+    s.max_batch, s.kv_tokens = 3, 10_000
+    greedy, hot = (0.0, 1.0, 0, 1.0, 0), (0.7, 1.0, 0, 1.0, None)
+
+    def job(n_prompt, n, key=greedy, fill=False):
+        return Job(list(range(1, n_prompt + 1)), n, key, [], 0, None, fill=fill)
+
+    a, b, c, d, e = job(10, 20), job(30, 5, hot), job(50, 41), job(60, 10), job(5, 5)
+    s.waiting = [a, b, c, d, e]
+    assert [id(j) for j in s._take()] == [id(a), id(c), id(e)]  # b: other key; d: 60 + 41 > 100
+    assert [id(j) for j in s.waiting] == [id(b), id(d)]
+    f, g = job(10, 90, fill=True), job(40, 60, fill=True)
+    s.waiting = [f, g, job(20, 10)]
+    batch = s._take()
+    assert batch[:2] == [f, g] and f.max_tokens == g.max_tokens == 60  # 100 - the longest prompt (40)
+    s.kv_tokens = 150  # two rows of the whole context do not fit
+    s.waiting = [job(10, 90, fill=True), job(40, 60, fill=True)]
+    assert len(s._take()) == 1
