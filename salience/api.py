@@ -4,6 +4,7 @@ measure perplexity, generate text."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import platform
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from .awq import SearchConfig
 from .checkpoint import CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
-from .models import is_quantized_checkpoint, load_fp, resolve
+from .lazy import LazyBlocks, LazyUnsupported, ShardedTensors, skeleton
+from .models import is_quantized_checkpoint, load_fp, materialize, resolve
 from .quant import QuantConfig
 from .quantize import quantizable_linears, quantize_model
 
@@ -68,32 +70,71 @@ def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Ten
 
 def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str = "awq", calib: str = "lee",
              n_rows: int = 128, seqlen: int = 512, seed: int = 0, scfg: SearchConfig | None = None,
-             device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None):
+             device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None,
+             rows: torch.Tensor | None = None, restart: bool = False, lazy: bool = True):
     """Quantize a model into an AWQ GEMM checkpoint at `out`. Returns (out path, the fake-quantized model
-    in memory, tokenizer). `loaded` = (model, tokenizer) skips loading (the model is modified)."""
+    in memory or None, tokenizer).
+
+    A local safetensors folder (a GGUF file: its cached folder) is read lazily, one block at a time
+    (salience.lazy), and the run is resumable: rerun after a crash to continue from the last finished
+    block (restart=True discards an unfinished run instead). The in-memory model is then not kept (None).
+    `loaded` = (model, tokenizer) quantizes that model in place instead (returned; not resumable), as does
+    lazy=False or a source that cannot be read lazily. rows [n, seqlen]: calibration token ids given
+    directly (calib, n_rows, seqlen and seed are then unused)."""
     t0 = time.time()
     if qcfg.bits != 4:
         raise ValueError("the AWQ GEMM checkpoint stores 4-bit weights; other bit widths are for "
                          "in-memory evaluation (salience eval --fake-quant)")
-    m, tok = loaded if loaded is not None else load_fp(model, dtype=pick_dtype(dtype))[:2]
+    cdtype, dev = pick_dtype(dtype), pick_device(device)
+    m, tok, blocks, fingerprint = None, None, None, None
+    if loaded is not None:
+        m, tok = loaded
+    elif lazy:
+        m, tok, blocks, fingerprint = _open_lazy(model, cdtype)
+    if m is None:
+        m, tok = load_fp(model, dtype=cdtype)[:2]
     arch = arch_for(m.config)
     check_group_size(m, qcfg)
     save_dtype = getattr(torch, arch.dtype)
-    rows = None
     t_data = time.time()
+    calib_info = None
     if method == "awq":
-        rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
+        if rows is None:
+            rows = calibration_rows(tok, load_text(calib), n_rows=n_rows, seqlen=seqlen, seed=seed)
+            calib_info = {"source": calib, "rows": n_rows, "seqlen": seqlen, "seed": seed}
+        else:
+            calib_info = {"source": "token ids given", "rows": rows.shape[0], "seqlen": rows.shape[1]}
     t_data = time.time() - t_data
-    writer = CheckpointWriter(out, overwrite=overwrite)
-    writer.add(rest_tensors(m, arch.layers, save_dtype))
+    scfg = scfg or SearchConfig()
+    settings = {"method": method, "bits": qcfg.bits, "group_size": qcfg.group_size,
+                "search": dict(scfg.__dict__) if method == "awq" else None, "calibration": calib_info,
+                "compute": {"device": dev.type, "dtype": str(cdtype)}, "salience_version": __version__}
+    run = None
+    if fingerprint is not None:
+        run = {"settings": settings, "model_fingerprint": fingerprint, "calibration_sha256":
+               hashlib.sha256(rows.numpy().tobytes()).hexdigest() if rows is not None else None}
+    n_blocks = len(get_module(m, arch.layers))
+    writer = CheckpointWriter(out, n_shards=1 + n_blocks, run=run, overwrite=overwrite, restart=restart)
+    start = writer.blocks_done
+    if start and progress:
+        print(f"resuming {writer.tmp}: {start} of {n_blocks} blocks already done")
+    if not writer.rest_done:
+        writer.write_rest(blocks.rest_tensors(save_dtype) if blocks is not None
+                          else rest_tensors(m, arch.layers, save_dtype))
 
-    def on_block(res, block):
-        writer.add(block_tensors(f"{arch.layers}.{res.index}.", block, res, save_dtype))
-        writer.search.update({f"{arch.layers}.{res.index}.{k}": v for k, v in res.search.items()})
+    def on_block(res, block, x_next):
+        prefix = f"{arch.layers}.{res.index}."
+        writer.write_block(res.index, block_tensors(prefix, block, res, save_dtype),
+                           {prefix + k: v for k, v in res.search.items()}, res.report,
+                           x_next if res.index + 1 < n_blocks else None)
 
     t_q = time.time()
-    scfg = scfg or SearchConfig()
-    reports = fake_quantize(m, qcfg, method, rows, scfg, device, dtype, on_block, progress)
+    if method not in ("awq", "rtn"):
+        raise ValueError(f"unknown method {method!r} (awq or rtn)")
+    quantize_model(m, arch, qcfg, rows, scfg if method == "awq" else None, device=dev, dtype=cdtype,
+                   on_block=on_block, progress=progress, blocks=blocks, start=start,
+                   x=writer.activations() if method == "awq" else None)
+    writer.wait()
     t_q = time.time() - t_q
     config = m.config.to_dict()
     config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size)
@@ -101,18 +142,37 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     config.pop("torch_dtype", None)
     report = {
         "salience_version": __version__, "model": str(model or "smollm2"), "method": method,
-        "bits": qcfg.bits, "group_size": qcfg.group_size,
-        "calibration": {"source": calib, "rows": n_rows, "seqlen": seqlen, "seed": seed} if rows is not None
-        else None,
+        "bits": qcfg.bits, "group_size": qcfg.group_size, "calibration": calib_info,
         "search": scfg.__dict__ if method == "awq" else None,
-        "compute": {"device": str(pick_device(device)), "dtype": str(pick_dtype(dtype)),
-                    "machine": platform.machine(), "torch": torch.__version__},
+        "compute": {"device": str(dev), "dtype": str(cdtype), "machine": platform.machine(),
+                    "torch": torch.__version__, "lazy": blocks is not None},
+        "resumed_at_block": start,
         "seconds": {"calibration_data": round(t_data, 2), "quantize": round(t_q, 2),
                     "total": round(time.time() - t0, 2)},
-        "blocks": reports,
+        "blocks": writer.reports,
     }
     path = writer.close(config, tok, report)
-    return path, m, tok
+    return path, (None if blocks is not None else m), tok
+
+
+def _open_lazy(model: str | None, dtype: torch.dtype):
+    """(meta skeleton, tokenizer or None, LazyBlocks, fingerprint of the weights) for a local safetensors
+    folder; (None, None, None, None) for anything else (hub id, pickles, renamed tensors)."""
+    from transformers import AutoTokenizer
+
+    src = materialize(model)
+    if not isinstance(src, Path) or is_quantized_checkpoint(src) or not any(src.glob("*.safetensors")):
+        return None, None, None, None  # load_fp loads it or says what is wrong
+    try:
+        shards = ShardedTensors(src)
+        m = skeleton(src, dtype)
+        blocks = LazyBlocks(m, arch_for(m.config), shards)
+    except LazyUnsupported as e:
+        print(f"note: reading the whole model into memory ({e})")
+        return None, None, None, None
+    tok = AutoTokenizer.from_pretrained(src) if (src / "tokenizer_config.json").exists() \
+        or (src / "tokenizer.json").exists() else None
+    return m, tok, blocks, shards.fingerprint()
 
 
 def load_any(model: str | None, dtype=None, allow_pickle: bool = False, trust_remote_code: bool = False):

@@ -65,7 +65,7 @@ def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch
 
     Returns x [n_rows, seqlen, hidden] (block 0's input, on `device`) and per block a list over batches of
     (args, kwargs) to call that block with. Embeddings and the final norm run on `device`; the blocks never
-    run here, so this costs one embedding lookup."""
+    run here (they may be on the meta device), so this costs one embedding lookup."""
     layers = get_module(model, arch.layers)
     orig = list(layers)
     calls = [[] for _ in orig]
@@ -77,9 +77,9 @@ def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch
         for r0 in range(0, rows.shape[0], batch_size):
             base(input_ids=rows[r0:r0 + batch_size].to(device), use_cache=False)
     finally:
+        base.to("cpu")  # before the blocks come back: they stay where they are
         for i, layer in enumerate(orig):
             layers[i] = layer
-        base.to("cpu")
     x = torch.cat([c[0] for c in calls[0]], dim=0)
     per_block = [[(a, kw) for _, a, kw in c] for c in calls]
     return x, per_block
@@ -170,12 +170,15 @@ def _group_applies(block, g: ScaleGroup) -> bool:
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
-                   scfg: awq.SearchConfig | None, batch_size: int):
+                   scfg: awq.SearchConfig | None, batch_size: int, out: torch.Tensor | None = None):
     """Quantize one block in place (weights become their dequantized values) and return
     (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
 
-    scfg None = round-to-nearest (no search). x and the block must be on the same device."""
+    scfg None = round-to-nearest (no search). x and the block must be on the same device. `out` (may be x
+    itself: each batch's output overwrites its input once computed) receives the output instead of a new
+    tensor, so one activation buffer serves the whole model. The integer results stay on the device."""
     t0 = time.time()
+    phases = {}
     lins = quantizable_linears(block)
     for name, lin in lins.items():
         qcfg.groups(lin.in_features, f"block {index} {name}")  # clear error before any work
@@ -191,6 +194,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             h = args[0] if args else kwargs["hidden_states"]
             if saved_rows.get(name, 0) < n_search_rows:
                 saved_rows[name] = saved_rows.get(name, 0) + h.shape[0]
+                if out is not None and h.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                    h = h.clone()  # a view of `out`, which is overwritten batch by batch
+                    args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
                 saved_calls[name].append((args, kwargs))
         return fn
 
@@ -202,11 +208,16 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         for b, (args, kwargs) in enumerate(calls):
             stats.new_pass()
             xb = x[b * batch_size:(b + 1) * batch_size]
-            outs.append(_call(block, (xb, *args), kwargs))
+            yb = _call(block, (xb, *args), kwargs)
+            if out is None:
+                outs.append(yb)
+            else:
+                out[b * batch_size:(b + 1) * batch_size] = yb
     stats.new_pass()
-    y = torch.cat(outs, dim=0) if outs else None
+    y = out if out is not None and calls else (torch.cat(outs, dim=0) if outs else None)
     if y is not None and not torch.isfinite(y).all():
         raise NonFiniteActivation(f"non-finite (NaN/inf) output of block {index}")
+    phases["forward"] = time.time() - t0
 
     search: dict[str, torch.Tensor] = {}
     report: dict = {"groups": {}, "skipped_groups": []}
@@ -227,6 +238,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             report["groups"][key] = {"formula": alpha[0], "alpha": alpha[1], "loss": float(losses.min()),
                                      "loss_alpha0": float(losses[0])}
 
+    phases["scale_search"] = time.time() - t0 - sum(phases.values())
     linears: dict[str, LinearResult] = {}
     for name, lin in lins.items():
         w = lin.weight
@@ -244,8 +256,10 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         codes, scales, zeros = quantize(w, qcfg, scales, zeros)
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
         w.copy_(dequantize(codes, scales, zeros, qcfg, dtype=w.dtype))
-        linears[name] = LinearResult(codes.cpu(), scales.cpu(), zeros.cpu())
+        linears[name] = LinearResult(codes, scales, zeros)
+    phases["clip_quantize"] = time.time() - t0 - sum(phases.values())
     report["seconds"] = round(time.time() - t0, 3)
+    report["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return BlockResult(index, linears, search, report), y
 
 
@@ -287,31 +301,38 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
 @torch.no_grad()
 def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
                    scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
-                   on_block=None, progress: bool = True):
-    """Quantize every decoder block of `model` (on the CPU) in place, one block on `device` at a time.
+                   on_block=None, progress: bool = True, blocks=None, start: int = 0,
+                   x: torch.Tensor | None = None):
+    """Quantize every decoder block of `model`, one block on `device` at a time.
 
-    rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). on_block(BlockResult,
-    block) is called as each block finishes (the checkpoint writer streams it to disk).
-    Returns the list of block reports."""
-    layers = get_module(model, arch.layers)
+    rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). blocks: where the
+    blocks come from (salience.lazy.InMemoryBlocks(model) by default: quantized in place on the CPU;
+    LazyBlocks: read from the shards, freed after). on_block(BlockResult, block, x_next) is called as each
+    block finishes (the checkpoint writer streams it to disk); x_next [n, seqlen, hidden] is the next
+    block's input, valid only during the call. Resuming: start = first block to do, x = its input.
+    Returns the list of block reports (of blocks start..)."""
+    from .lazy import InMemoryBlocks
+
+    blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
-    x, calls = (None, None)
+    calls = None
     if scfg is not None:
-        x, calls = capture_block_inputs(model, arch, rows, batch_size, device)
-        x = x.to(dtype)
+        x0, calls = capture_block_inputs(model, arch, rows, batch_size, device)
+        # one activation buffer on the device, overwritten by each block's output
+        x = x0.to(dtype) if x is None else x.to(device=device, dtype=dtype)
+        del x0
     reports = []
-    bar = tqdm(range(len(layers)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
+    bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
     for i in bar:
-        block = layers[i].to(device=device, dtype=dtype)
+        block = blocks.load(i, device, dtype)
         try:
-            res, y = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size)
+            res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x)
         except NonFiniteActivation as e:
             raise NonFiniteActivation(f"block {i}: {e}") from None
         if on_block is not None:
-            on_block(res, block)
-        layers[i] = block.to("cpu")
-        if scfg is not None:
-            x = y.to(dtype)
+            on_block(res, block, x)
+        blocks.release(i, block)
         reports.append(res.report)
         bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")
+    blocks.close()
     return reports

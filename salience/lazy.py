@@ -1,0 +1,176 @@
+"""Lazy loading: a model skeleton on the meta device, filled one decoder block at a time straight from the
+safetensors shards, so host memory holds a block or two and the calibration activations, never the model.
+
+    skeleton (meta params, real buffers) <- embeddings, final norm   (what the block-input capture runs)
+    for block i:  shards --safe_open--> CPU (compute dtype, next block prefetched in a thread)
+                  -> device -> quantize -> write -> params back to meta (freed)
+
+Each tensor takes the path `from_pretrained(dtype=...)` gives it (stored dtype -> the skeleton's dtype
+for that parameter), so the lazy and in-memory paths produce bit-identical checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .arch import Arch, get_module
+from .nn import params_on_meta
+
+INDEX = "model.safetensors.index.json"
+
+
+class LazyUnsupported(ValueError):
+    """The folder's tensor names do not match the model transformers builds (renamed keys, VLM wrappers):
+    the caller falls back to loading the whole model."""
+
+
+class ShardedTensors:
+    """Tensor name -> shard file of a safetensors folder (index.json, or every *.safetensors)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        idx = self.folder / INDEX
+        if idx.exists():
+            wm = json.loads(idx.read_text())["weight_map"]
+            self.file_of = {k: self.folder / f for k, f in wm.items()}
+        else:
+            self.file_of = {}
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(f, "pt") as sf:
+                    self.file_of.update({k: f for k in sf.keys()})
+        if not self.file_of:
+            raise LazyUnsupported(f"{self.folder}: no safetensors weights")
+
+    def read(self, names, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """Load `names` to host memory, each converted to dtypes[name]. Each shard is opened and closed
+        here, so its memory map (and the file pages it touched) is released when this returns."""
+        by_file: dict[Path, list[str]] = {}
+        for k in names:
+            by_file.setdefault(self.file_of[k], []).append(k)
+        out = {}
+        for f, keys in by_file.items():
+            with safe_open(f, "pt") as sf:
+                for k in keys:
+                    t = sf.get_tensor(k)
+                    out[k] = t.to(dtypes[k]) if t.is_floating_point() and k in dtypes else t
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json, and per shard: name, size, safetensors header (names, shapes, dtypes,
+        offsets) and 4 samples of 64 KiB of data. Cheap (no full read); catches a different model or
+        shape and most edits of weights, not every single changed value."""
+        h = hashlib.sha256()
+        cfg = self.folder / "config.json"
+        if cfg.exists():
+            h.update(cfg.read_bytes())
+        for f in sorted(set(self.file_of.values())):
+            size = f.stat().st_size
+            h.update(f"{f.name}|{size}|".encode())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+                for frac in (0.2, 0.4, 0.6, 0.8):
+                    fh.seek(int(size * frac))
+                    h.update(fh.read(1 << 16))
+        return h.hexdigest()
+
+
+def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The CausalLM of `folder` with parameters on the meta device (buffers real, as a load creates them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with params_on_meta():
+        m = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return m.eval()
+
+
+class LazyBlocks:
+    """The decoder blocks of a meta skeleton, materialised one at a time from the shards.
+
+    load(i) returns block i on the device (its host copy read ahead while block i-1 was being quantized);
+    release(i) turns its parameters back into meta tensors. `rest_tensors` streams the non-block tensors
+    (embeddings, final norm, untied head) from the shards for the writer."""
+
+    def __init__(self, model: nn.Module, arch: Arch, src: ShardedTensors, prefetch: bool = True):
+        self.model, self.arch, self.src = model, arch, src
+        self.layers = get_module(model, arch.layers)
+        self.tied = getattr(model.config, "tie_word_embeddings", False)
+        self.dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # what from_pretrained loads to
+        need = [k for k in self.dtypes if not (self.tied and k == "lm_head.weight")]
+        missing = [k for k in need if k not in src.file_of]
+        if missing:
+            raise LazyUnsupported(f"{src.folder}: {len(missing)} tensors the model expects are not in the "
+                                  f"shards under the same name (e.g. {missing[:3]})")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self._ahead: dict[int, object] = {}
+        self._materialise_base()
+
+    def __len__(self):
+        return len(self.layers)
+
+    def _keys(self, i: int) -> list[str]:
+        p = f"{self.arch.layers}.{i}."
+        return [p + k for k in self.layers[i].state_dict()]
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        p = f"{self.arch.layers}.{i}."
+        return {k[len(p):]: v for k, v in self.src.read(self._keys(i), self.dtypes).items()}
+
+    def _materialise_base(self):
+        """Embeddings, final norm etc.: everything of the base model outside the blocks (lm_head stays meta:
+        block inputs never need it)."""
+        base = self.model.base_model
+        prefix = next(n for n, mod in self.model.named_modules() if mod is base)
+        prefix = prefix + "." if prefix else ""
+        keys = [prefix + k for k in base.state_dict() if not (prefix + k).startswith(self.arch.layers + ".")]
+        sd = self.src.read(keys, self.dtypes)
+        self.model.load_state_dict(sd, strict=False, assign=True)
+
+    def rest_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        keys = [k for k in self.dtypes if not k.startswith(self.arch.layers + ".")
+                and not (self.tied and k == "lm_head.weight")]
+        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.src.read(keys, self.dtypes).items()}
+
+    def load(self, i: int, device, dtype) -> nn.Module:
+        fut = self._ahead.pop(i, None)
+        sd = fut.result() if fut is not None else self._read(i)
+        if self._pool is not None and i + 1 < len(self.layers) and i + 1 not in self._ahead:
+            self._ahead[i + 1] = self._pool.submit(self._read, i + 1)
+        block = self.layers[i]
+        block.load_state_dict(sd, strict=True, assign=True)
+        return block.to(device=device, dtype=dtype)
+
+    def release(self, i: int, block: nn.Module):
+        self.layers[i] = block.to("meta")
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead.clear()
+
+
+class InMemoryBlocks:
+    """The decoder blocks of a model held in host memory: moved to the device and back (fake-quantized)."""
+
+    def __init__(self, model: nn.Module, arch: Arch):
+        self.layers = get_module(model, arch.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def load(self, i: int, device, dtype) -> nn.Module:
+        return self.layers[i].to(device=device, dtype=dtype)
+
+    def release(self, i: int, block: nn.Module):
+        self.layers[i] = block.to("cpu")
+
+    def close(self):
+        pass
