@@ -115,6 +115,19 @@ def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return ((dw @ g) * dw).sum()
 
 
+def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: torch.Tensor,
+                      max_elems: int = 1 << 24) -> torch.Tensor:
+    """tr(dW G dW^T) for dW = Q(W*s)/s - W [N, K], over chunks of rows of at most max_elems weights, so that
+    the fp32 temporaries stay at ~64 MiB each (7B down_proj: 4096 x 11008); rows quantize independently.
+    A weight within one chunk takes the plain formula, bit for bit."""
+    n, k = w.shape
+    rows = max(1, max_elems // k)
+    if n <= rows:
+        return gram_loss(scaled_fake_quant(w, s, cfg) - w.float(), g)
+    return sum(gram_loss(scaled_fake_quant(w[r:r + rows], s, cfg) - w[r:r + rows].float(), g)
+               for r in range(0, n, rows))
+
+
 def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: int = 20,
                 max_shrink: float = 0.5, row_chunk: int = 1024, asym: bool = False):
     """Per (row, group) range shrink. w [N, K] (already scaled), g = X^T X [K, K] of the linear's (scaled)

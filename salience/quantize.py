@@ -248,7 +248,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             if name in in_scale:
                 s = in_scale[name]
                 g = g / (s[:, None] * s[None, :])  # Gram of the scaled input X / s
-            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink,
+            # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
+            chunk = max(1024, (1 << 24) // w.shape[1]) if w.is_cuda else 1024
+            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
                                                  asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         scales, zeros = compute_qparams(w, qcfg, clip_min, clip_max)
@@ -276,7 +278,7 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
         gm = stats.gram_of(g.linears[0])
 
         def loss_fn(s):
-            return sum(awq.gram_loss(awq.scaled_fake_quant(w, s, qcfg) - w.float(), gm) for w in orig)
+            return sum(awq.scaled_gram_error(w, s, qcfg, gm) for w in orig)
     else:  # non-linear module: output MSE on the saved calls
         mod = get_module(block, g.inspect)
         calls = saved_calls[g.inspect]
@@ -322,7 +324,9 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         x = x0.to(dtype) if x is None else x.to(device=device, dtype=dtype)
         del x0
     reports = []
-    bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
+    # one tick per block; the ETA counts only this run's blocks (a resumed run starts at `start`)
+    bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
+               initial=start, disable=not progress)
     for i in bar:
         block = blocks.load(i, device, dtype)
         try:

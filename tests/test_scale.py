@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from salience import api
+from salience import api, awq
 from salience.checkpoint import INDEX, REPORT, RESUME, SEARCH, CheckpointError, load_quantized
 from salience.models import ModelError, load_fp
 from salience.quant import QuantConfig
@@ -158,3 +158,28 @@ def test_rerun_with_other_settings_is_refused(tmp_path, uninterrupted):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     _same_checkpoint(out, ref)
+
+
+def test_chunked_gram_error_matches_one_chunk():
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 64), torch.randn(500, 64)
+    s = torch.rand(64) + 0.5
+    g = x.t() @ x
+    cfg = QuantConfig(4, 32)
+    one = awq.scaled_gram_error(w, s, cfg, g)
+    assert torch.equal(one, awq.gram_loss(awq.scaled_fake_quant(w, s, cfg) - w, g))
+    torch.testing.assert_close(awq.scaled_gram_error(w, s, cfg, g, max_elems=64 * 10), one, rtol=1e-5, atol=0)
+
+
+def test_quantize_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/quantize.py end to end on a tiny shape, 2 of its 4 blocks (extrapolated)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize.py"), "--models", "tiny:2", "--device",
+                        "cpu", "--rows", "4", "--seqlen", "64", "--dir", str(tmp_path / "work"), "--results",
+                        str(tmp_path / "res")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    e = json.loads((tmp_path / "res" / "quantize.json").read_text())[0]
+    assert e["extrapolated"] and e["blocks_measured"] == 2 and e["blocks_real"] == 4
+    assert e["peak_rss_bytes"] > 0 and len(e["block_seconds"]) == 2
+    assert "extrapolated to 4" in (tmp_path / "res" / "quantize.md").read_text()
+    assert not (tmp_path / "work" / "tiny-random").exists()  # scratch deleted
