@@ -91,6 +91,8 @@ class _InputStats:
     """Accumulates, for every distinct input tensor of the block's linears, sum |x| and X^T X (fp32).
     Linears reading the same tensor in a forward pass (q, k, v) share the entry of the first reader."""
 
+    gram_block = 4096  # columns of X^T X computed at a time for wider inputs
+
     def __init__(self):
         self.key_of: dict[str, str] = {}  # linear -> first linear that read the same tensor
         self.abs_sum: dict[str, torch.Tensor] = {}
@@ -111,13 +113,17 @@ class _InputStats:
             if not torch.isfinite(x2).all():
                 raise NonFiniteActivation(f"non-finite (NaN/inf) activations at the input of {name}")
             a = x2.abs().float().sum(dim=0)
-            g = (x2.t() @ x2).float()  # in the compute dtype, accumulated in fp32 across batches
-            if name in self.abs_sum:
-                self.abs_sum[name] += a
-                self.gram[name] += g
-                self.count[name] += x2.shape[0]
-            else:
-                self.abs_sum[name], self.gram[name], self.count[name] = a, g, x2.shape[0]
+            k = x2.shape[1]
+            if name not in self.abs_sum:
+                self.abs_sum[name], self.count[name] = torch.zeros_like(a), 0
+                self.gram[name] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
+            self.abs_sum[name] += a
+            self.count[name] += x2.shape[0]
+            # X^T X in the compute dtype, accumulated in fp32 across batches; wide inputs (7B down_proj:
+            # 11008) by column blocks, so that the 16-bit product and its fp32 copy stay small
+            step = k if k <= self.gram_block else self.gram_block
+            for j in range(0, k, step):
+                self.gram[name][:, j:j + step] += (x2.t() @ x2[:, j:j + step]).float()
         return fn
 
     def new_pass(self):
@@ -244,10 +250,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         w = lin.weight
         clip_min = clip_max = None
         if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip:
-            g = stats.gram_of(name)
-            if name in in_scale:
-                s = in_scale[name]
-                g = g / (s[:, None] * s[None, :])  # Gram of the scaled input X / s
+            # only the diagonal blocks matter; with the folded scale s those of the Gram of X / s
+            g = awq.diag_blocks(stats.gram_of(name), qcfg.groups(w.shape[1]), in_scale.get(name))
             # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
             chunk = max(1024, (1 << 24) // w.shape[1]) if w.is_cuda else 1024
             clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
