@@ -44,6 +44,8 @@ SHAPES = {
     "llama2-70b": (dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
                         rope_theta=10000.0, rms_norm_eps=1e-5), "float16"),
+    "small": (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
+                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024), "float16"),  # CPU
     "tiny": (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512), "float16"),
 }
@@ -265,6 +267,8 @@ def main():
     ap.add_argument("--dir", default="bench-work", help="scratch folder for checkpoints (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the built and quantized checkpoints")
     ap.add_argument("--results", default=str(RESULTS), help="folder for quantize.md/.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files (e.g. fetched "
+                    "from separate runs) into --results and rewrite the table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -275,6 +279,17 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     js = RESULTS / "quantize.json"
     entries = json.loads(js.read_text()) if js.exists() else []
+    if a.merge:
+        for f in a.merge:
+            for e in json.loads(Path(f).read_text()):
+                entries = [x for x in entries if (x["model"], x["device"]) != (e["model"], e["device"])] + [e]
+        js.write_text(json.dumps(entries, indent=1))
+        write_tables(entries)
+        print((RESULTS / "quantize.md").read_text())
+        return
+    work = Path(a.dir)
+    for old in [*work.glob("*-random"), *work.glob("*-awq"), *work.glob("*-awq.partial")]:
+        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted run: free the disk first
     for spec in a.models.split(","):
         e = run_one(spec, a)
         print(json.dumps({k: v for k, v in e.items() if k not in ("block_seconds", "block_phases")}), flush=True)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import awq
 from .arch import Arch, ScaleGroup, get_module
+from .lazy import InMemoryBlocks
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
 
 
@@ -317,8 +318,6 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     block finishes (the checkpoint writer streams it to disk); x_next [n, seqlen, hidden] is the next
     block's input, valid only during the call. Resuming: start = first block to do, x = its input.
     Returns the list of block reports (of blocks start..)."""
-    from .lazy import InMemoryBlocks
-
     blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
     calls = None
@@ -342,5 +341,6 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         blocks.release(i, block)
         reports.append(res.report)
         bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")
+        del res, block  # the integer results live on the device: free them before the next block
     blocks.close()
     return reports
