@@ -14,7 +14,8 @@ import torch
 from . import __version__
 from .arch import arch_for, get_module
 from .awq import SearchConfig
-from .checkpoint import CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors
+from .checkpoint import (CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors,
+                         tensor_entries)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .lazy import LazyBlocks, LazyUnsupported, ShardedTensors, skeleton
@@ -119,8 +120,8 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     if start and progress:
         print(f"resuming {writer.tmp}: {start} of {n_blocks} blocks already done")
     if not writer.rest_done:
-        writer.write_rest(blocks.rest_tensors(save_dtype) if blocks is not None
-                          else rest_tensors(m, arch.layers, save_dtype))
+        writer.write_rest(blocks.rest_entries(save_dtype) if blocks is not None
+                          else tensor_entries(rest_tensors(m, arch.layers, save_dtype)))
 
     def on_block(res, block, x_next):
         prefix = f"{arch.layers}.{res.index}."

@@ -111,8 +111,12 @@ class CheckpointWriter:
         tmp.write_text(json.dumps(self.manifest, indent=1, default=str))
         os.replace(tmp, self.tmp / RESUME)
 
-    def write_rest(self, tensors: dict[str, torch.Tensor]):
-        self._save(self.shard_name(0), {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    def write_rest(self, entries: list[tuple]):
+        """Shard 0 from (name, dtype, shape, chunks) entries (save_streamed): embeddings and head go to
+        disk a slice at a time, never whole in host memory."""
+        tmp = self.tmp / (self.shard_name(0) + ".tmp")
+        save_streamed(tmp, entries, metadata={"format": "pt"})
+        os.replace(tmp, self.tmp / self.shard_name(0))
         self.manifest["rest"] = True
         self._commit()
 
@@ -222,6 +226,43 @@ def block_tensors(prefix: str, block: nn.Module, result, dtype: torch.dtype) -> 
         else:
             out[f"{prefix}{name}"] = t.to(dtype) if t.is_floating_point() else t
     return out
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_streamed(path: str | Path, entries: list[tuple], metadata: dict | None = None):
+    """Write a safetensors file from (name, dtype, shape, chunks) entries: chunks() yields the tensor's
+    leading-dim slices in order, as CPU tensors of `dtype`, each written and dropped before the next
+    is made (safetensors.torch.save_file needs every tensor, and then a bytes copy of each, at once).
+    Layout: u64 header length, JSON header (dtype, shape, data_offsets; padded to 8 bytes), data."""
+    header = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for name, dtype, shape, _ in entries:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for name, dtype, shape, chunks in entries:
+            start = f.tell()
+            for c in chunks():
+                if c.dtype != dtype:
+                    raise TypeError(f"{name}: chunk of dtype {c.dtype}, header says {dtype}")
+                f.write(memoryview(c.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            a, b = header[name]["data_offsets"]
+            if f.tell() - start != b - a:
+                raise ValueError(f"{name}: wrote {f.tell() - start} bytes, header says {b - a}")
+
+
+def tensor_entries(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """save_streamed entries of tensors already in memory (one chunk each)."""
+    return [(k, v.dtype, tuple(v.shape), (lambda v=v: [v])) for k, v in tensors.items()]
 
 
 def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .arch import Arch, get_module
+from .checkpoint import _ST_DTYPES
 from .nn import params_on_meta
 
 INDEX = "model.safetensors.index.json"
@@ -134,10 +136,43 @@ class LazyBlocks:
         sd = self.src.read(keys, self.dtypes)
         self.model.load_state_dict(sd, strict=False, assign=True)
 
-    def rest_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def rest_entries(self, dtype: torch.dtype, chunk_bytes: int = 64 << 20) -> list[tuple]:
+        """checkpoint.save_streamed entries of the non-block tensors in `dtype` (embeddings, final norm, untied
+        head), read from the shards ~64 MiB of rows at a time: a 128K-token vocabulary never sits in host
+        memory. Each value takes the path stored -> load dtype -> dtype, as in the in-memory path."""
         keys = [k for k in self.dtypes if not k.startswith(self.arch.layers + ".")
                 and not (self.tied and k == "lm_head.weight")]
-        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.src.read(keys, self.dtypes).items()}
+        out = []
+        for k in keys:
+            with safe_open(self.src.file_of[k], "pt") as sf:
+                sl = sf.get_slice(k)
+                shape = tuple(sl.get_shape())
+                stored = {v: k for k, v in _ST_DTYPES.items()}[sl.get_dtype()]
+                fp = stored.is_floating_point
+
+            def chunks(k=k, shape=shape, fp=fp):
+                with safe_open(self.src.file_of[k], "pt") as sf:
+                    if len(shape) < 2:
+                        yield self._cast(sf.get_tensor(k), k, dtype, fp)
+                        return
+                    sl = sf.get_slice(k)
+                    step = max(1, chunk_bytes // (math.prod(shape[1:]) * 4))
+                    for r in range(0, shape[0], step):
+                        yield self._cast(sl[r:r + step], k, dtype, fp)
+            out.append((k, dtype if fp else stored, shape, chunks))
+        return out
+
+    def _cast(self, t, k, dtype, fp):
+        return t.to(self.dtypes[k]).to(dtype) if fp else t
+
+    def drop_base(self):
+        """After the block inputs are captured: the embeddings etc. back to meta (their memory freed)."""
+        layers = self.arch.layers + "."
+        for name, mod in self.model.named_modules():
+            if name.startswith(layers) or name + "." == layers:
+                continue
+            for leaf, p in list(mod.named_parameters(recurse=False)):
+                mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
 
     def load(self, i: int, device, dtype) -> nn.Module:
         fut = self._ahead.pop(i, None)
@@ -171,6 +206,9 @@ class InMemoryBlocks:
 
     def release(self, i: int, block: nn.Module):
         self.layers[i] = block.to("cpu")
+
+    def drop_base(self):
+        pass
 
     def close(self):
         pass

@@ -326,6 +326,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         # one activation buffer on the device, overwritten by each block's output
         x = x0.to(dtype) if x is None else x.to(device=device, dtype=dtype)
         del x0
+        blocks.drop_base()  # lazy: the embeddings are not needed again
     reports = []
     # one tick per block; the ETA counts only this run's blocks (a resumed run starts at `start`)
     bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
