@@ -26,6 +26,7 @@ from .checkpoint import _ST_DTYPES
 from .nn import params_on_meta
 
 INDEX = "model.safetensors.index.json"
+_FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
 class LazyUnsupported(ValueError):
@@ -98,7 +99,7 @@ class LazyBlocks:
     """The decoder blocks of a meta skeleton, materialised one at a time from the shards.
 
     load(i) returns block i on the device (its host copy read ahead while block i-1 was being quantized);
-    release(i) turns its parameters back into meta tensors. `rest_tensors` streams the non-block tensors
+    release(i) turns its parameters back into meta tensors. `rest_entries` streams the non-block tensors
     (embeddings, final norm, untied head) from the shards for the writer."""
 
     def __init__(self, model: nn.Module, arch: Arch, src: ShardedTensors, prefetch: bool = True):
@@ -147,7 +148,7 @@ class LazyBlocks:
             with safe_open(self.src.file_of[k], "pt") as sf:
                 sl = sf.get_slice(k)
                 shape = tuple(sl.get_shape())
-                stored = {v: k for k, v in _ST_DTYPES.items()}[sl.get_dtype()]
+                stored = _FROM_ST[sl.get_dtype()]
                 fp = stored.is_floating_point
 
             def chunks(k=k, shape=shape, fp=fp):
