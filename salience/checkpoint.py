@@ -117,6 +117,7 @@ class CheckpointWriter:
         tmp = self.tmp / (self.shard_name(0) + ".tmp")
         save_streamed(tmp, entries, metadata={"format": "pt"})
         os.replace(tmp, self.tmp / self.shard_name(0))
+        _test_stall("rest")
         self.manifest["rest"] = True
         self._commit()
 
@@ -192,7 +193,8 @@ class CheckpointWriter:
 
 def _test_stall(point: str):
     """Test hook for the kill -9 test: SALIENCE_TEST_STALL="commit1:/path/marker" makes the writer touch the
-    marker and hang when it reaches that point (shard<i>: block i's shard written, manifest not yet;
+    marker and hang when it reaches that point (rest: shard 0 written, no manifest yet; shard<i>: block i's
+    shard written, manifest not yet;
     commit<i>: block i recorded as done)."""
     spec = os.environ.get("SALIENCE_TEST_STALL")
     if spec and spec.split(":", 1)[0] == point:
@@ -306,7 +308,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if (path / RESUME).exists():
+    if (path / RESUME).exists() or path.name.endswith(".partial"):
         raise CheckpointError(f"{path} is an unfinished quantization run, not a checkpoint: rerun the "
                               "quantize command that started it to finish it")
     config = AutoConfig.from_pretrained(path)

@@ -108,10 +108,11 @@ def uninterrupted(tmp_path_factory):
     return folder, text, out
 
 
-@pytest.mark.parametrize("point", ["shard1", "commit1", "commit3"])
+@pytest.mark.parametrize("point", ["rest", "shard1", "commit1", "commit3"])
 def test_kill9_and_rerun_gives_identical_checkpoint(tmp_path, uninterrupted, point):
-    """SIGKILL while block 1's shard is on disk but not recorded (shard1), after block 1 is recorded
-    (commit1), or after the last block, before the folder is completed (commit3); then the same command."""
+    """SIGKILL after the first shard is written but before any manifest (rest: the rerun starts over),
+    while block 1's shard is on disk but not recorded (shard1), after block 1 is recorded (commit1), or
+    after the last block, before the folder is completed (commit3); then the same command."""
     folder, text, ref = uninterrupted
     out = tmp_path / "out"
     marker = tmp_path / "stalled"
@@ -124,18 +125,19 @@ def test_kill9_and_rerun_gives_identical_checkpoint(tmp_path, uninterrupted, poi
     p.send_signal(signal.SIGKILL)
     p.wait()
     partial = out.with_name("out.partial")
-    assert not out.exists() and (partial / RESUME).exists()
+    assert not out.exists() and partial.exists()
     # an unfinished run is never taken for a checkpoint
     with pytest.raises(ModelError, match="unfinished"):
         api.load_any(str(partial))
     with pytest.raises(CheckpointError, match="unfinished"):
         load_quantized(partial)
-    done = len(json.loads((partial / RESUME).read_text())["blocks"])
-    assert done == {"shard1": 1, "commit1": 2, "commit3": 4}[point]
+    done = len(json.loads((partial / RESUME).read_text())["blocks"]) if point != "rest" else 0
+    assert done == {"rest": 0, "shard1": 1, "commit1": 2, "commit3": 4}[point]
+    assert (partial / RESUME).exists() == (point != "rest")
     p = _cli(folder, text, out)
     stdout, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert f"resuming {partial}: {done} of 4 blocks already done" in stdout
+    assert (f"resuming {partial}: {done} of 4 blocks already done" in stdout) == (done > 0)
     assert json.loads((out / REPORT).read_text())["resumed_at_block"] == done
     assert not partial.exists()
     _same_checkpoint(out, ref)
