@@ -18,7 +18,7 @@ from .checkpoint import (CheckpointWriter, block_tensors, load_quantized, quant_
                          tensor_entries)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
-from .lazy import LazyBlocks, LazyUnsupported, ShardedTensors, skeleton
+from .lazy import LazyBlocks, LazyUnsupported, ShardedTensors, fixed_mmap_threshold, skeleton
 from .models import is_quantized_checkpoint, load_fp, materialize, resolve
 from .quant import QuantConfig
 from .quantize import quantizable_linears, quantize_model
@@ -92,6 +92,8 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
         m, tok = loaded
     elif lazy:
         m, tok, blocks, fingerprint = _open_lazy(model, cdtype)
+        if blocks is not None and dev.type != "cpu":
+            fixed_mmap_threshold()
     if m is None:
         m, tok = load_fp(model, dtype=cdtype)[:2]
     arch = arch_for(m.config)
