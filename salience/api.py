@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .arch import arch_for, get_module
+from . import __version__, moe
+from .arch import Arch, arch_for, arch_to_dict, disk_name, get_module
 from .awq import SearchConfig
-from .checkpoint import (CheckpointWriter, block_tensors, load_quantized, quant_config, rest_tensors,
-                         tensor_entries)
+from .checkpoint import (
+    ARCH,
+    CheckpointWriter,
+    block_tensors,
+    load_quantized,
+    not_converted,
+    quant_config,
+    rest_tensors,
+    tensor_entries,
+)
 from .data import calibration_rows, eval_windows, load_text
 from .evaluate import perplexity
 from .lazy import LazyBlocks, LazyUnsupported, ShardedTensors, fixed_mmap_threshold, skeleton
 from .models import is_quantized_checkpoint, load_fp, materialize, resolve
 from .quant import QuantConfig
-from .quantize import quantizable_linears, quantize_model
+from .quantize import fp32_names, quantizable_linears, quantize_model
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -43,20 +52,23 @@ def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return names[dtype]
 
 
-def check_group_size(model, qcfg: QuantConfig) -> None:
-    """Fail before any work when the group size does not divide some quantized linear's input dim."""
-    arch = arch_for(model.config)
+def check_group_size(model, qcfg: QuantConfig, arch: Arch | None = None) -> None:
+    """Fail before any work when the group size does not divide some quantized linear's input dim.
+    Fused experts are unfused here (per-expert linears, same weights) so that their shapes are checked."""
+    arch = arch or arch_for(model.config)
     for i, block in enumerate(get_module(model, arch.layers)):
-        for name, lin in quantizable_linears(block).items():
+        moe.unfuse(block, arch)
+        for name, lin in quantizable_linears(block, arch).items():
             qcfg.groups(lin.in_features, f"{arch.layers}.{i}.{name}")
 
 
 def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Tensor | None = None,
                   scfg: SearchConfig | None = None, device=None, dtype=None, on_block=None,
-                  progress: bool = True):
-    """Quantize `model` in place (weights become their dequantized 4-bit values). Returns block reports."""
-    arch = arch_for(model.config)
-    check_group_size(model, qcfg)
+                  progress: bool = True, arch: Arch | None = None):
+    """Quantize `model` in place (weights become their dequantized 4-bit values). Returns block reports.
+    arch: the structure (default: the table entry of the model's config; see salience.discover)."""
+    arch = arch or arch_for(model.config)
+    check_group_size(model, qcfg, arch)
     if method == "awq":
         if rows is None:
             raise ValueError("AWQ needs calibration rows")
@@ -72,7 +84,8 @@ def fake_quantize(model, qcfg: QuantConfig, method: str = "awq", rows: torch.Ten
 def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str = "awq", calib: str = "lee",
              n_rows: int = 128, seqlen: int = 512, seed: int = 0, scfg: SearchConfig | None = None,
              device=None, dtype=None, overwrite: bool = False, progress: bool = True, loaded=None,
-             rows: torch.Tensor | None = None, restart: bool = False, lazy: bool = True):
+             rows: torch.Tensor | None = None, restart: bool = False, lazy: bool = True,
+             arch: Arch | None = None):
     """Quantize a model into an AWQ GEMM checkpoint at `out`. Returns (out path, the fake-quantized model
     in memory or None, tokenizer).
 
@@ -80,8 +93,9 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     (salience.lazy), and the run is resumable: rerun after a crash to continue from the last finished
     block (restart=True discards an unfinished run instead). The in-memory model is then not kept (None).
     `loaded` = (model, tokenizer) quantizes that model in place instead (returned; not resumable), as does
-    lazy=False or a source that cannot be read lazily. rows [n, seqlen]: calibration token ids given
-    directly (calib, n_rows, seqlen and seed are then unused)."""
+    lazy=False or a source that cannot be read lazily (see _open_lazy). rows [n, seqlen]: calibration
+    token ids given directly (calib, n_rows, seqlen and seed are then unused).
+    arch: the structure (default: the table entry of the model's config; see salience.discover)."""
     t0 = time.time()
     if qcfg.bits != 4:
         raise ValueError("the AWQ GEMM checkpoint stores 4-bit weights; other bit widths are for "
@@ -91,13 +105,13 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     if loaded is not None:
         m, tok = loaded
     elif lazy:
-        m, tok, blocks, fingerprint = _open_lazy(model, cdtype)
+        m, tok, blocks, fingerprint = _open_lazy(model, cdtype, arch)
         if blocks is not None and dev.type != "cpu":
             fixed_mmap_threshold()
     if m is None:
         m, tok = load_fp(model, dtype=cdtype)[:2]
-    arch = arch_for(m.config)
-    check_group_size(m, qcfg)
+    arch = arch or arch_for(m.config)
+    check_group_size(m, qcfg, arch)
     save_dtype = getattr(torch, arch.dtype)
     t_data = time.time()
     calib_info = None
@@ -111,23 +125,33 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     scfg = scfg or SearchConfig()
     settings = {"method": method, "bits": qcfg.bits, "group_size": qcfg.group_size,
                 "search": dict(scfg.__dict__) if method == "awq" else None, "calibration": calib_info,
-                "compute": {"device": dev.type, "dtype": str(cdtype)}, "salience_version": __version__}
+                "compute": {"device": dev.type, "dtype": str(cdtype)}, "arch": arch_to_dict(arch),
+                "salience_version": __version__}
     run = None
     if fingerprint is not None:
         run = {"settings": settings, "model_fingerprint": fingerprint, "calibration_sha256":
                hashlib.sha256(rows.numpy().tobytes()).hexdigest() if rows is not None else None}
     n_blocks = len(get_module(m, arch.layers))
     writer = CheckpointWriter(out, n_shards=1 + n_blocks, run=run, overwrite=overwrite, restart=restart)
+    keep_fp32 = fp32_names(m)
+
+    def on_disk(tensors, module, prefix=""):
+        # tensors the model class keeps in fp32 (DeepSeek-V3's router) are written in fp32
+        tensors.update({prefix + k: v.float() for k, v in module.state_dict().items()
+                        if v.is_floating_point() and keep_fp32(prefix + k) and prefix + k in tensors})
+        return {disk_name(arch, k): v for k, v in tensors.items()}
+
     start = writer.blocks_done
     if start and progress:
         print(f"resuming {writer.tmp}: {start} of {n_blocks} blocks already done")
     if not writer.rest_done:
-        writer.write_rest(blocks.rest_entries(save_dtype) if blocks is not None
-                          else tensor_entries(rest_tensors(m, arch.layers, save_dtype)))
+        writer.write_rest(blocks.rest_entries(save_dtype, keep_fp32, lambda k: disk_name(arch, k))
+                          if blocks is not None else tensor_entries(on_disk(rest_tensors(m, arch.layers,
+                                                                                         save_dtype), m)))
 
     def on_block(res, block, x_next):
         prefix = f"{arch.layers}.{res.index}."
-        writer.write_block(res.index, block_tensors(prefix, block, res, save_dtype),
+        writer.write_block(res.index, on_disk(block_tensors(prefix, block, res, save_dtype), block, prefix),
                            {prefix + k: v for k, v in res.search.items()}, res.report,
                            x_next if res.index + 1 < n_blocks else None)
 
@@ -140,8 +164,9 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
     writer.wait()
     t_q = time.time() - t_q
     config = m.config.to_dict()
-    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size)
+    config["quantization_config"] = quant_config(qcfg.bits, qcfg.group_size, not_converted(arch, m))
     config["dtype"] = arch.dtype
+    config["architectures"] = [type(m).__name__]  # the class that loads it back (a VLM's, not a CausalLM)
     config.pop("torch_dtype", None)
     report = {
         "salience_version": __version__, "model": str(model or "smollm2"), "method": method,
@@ -154,22 +179,31 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
                     "total": round(time.time() - t0, 2)},
         "blocks": writer.reports,
     }
+    (writer.tmp / ARCH).write_text(json.dumps(arch_to_dict(arch), indent=2))
     path = writer.close(config, tok, report)
     return path, (None if blocks is not None else m), tok
 
 
-def _open_lazy(model: str | None, dtype: torch.dtype):
+def _open_lazy(model: str | None, dtype: torch.dtype, arch: Arch | None = None):
     """(meta skeleton, tokenizer or None, LazyBlocks, fingerprint of the weights) for a local safetensors
-    folder; (None, None, None, None) for anything else (hub id, pickles, renamed tensors)."""
-    from transformers import AutoTokenizer
+    folder of a dense text model; (None, None, None, None) for anything else, which load_fp loads whole
+    (hub ids, pickles, tensors named otherwise than in the module tree, VLMs, fused-expert MoE: not yet)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .arch import VLMS
 
     src = materialize(model)
     if not isinstance(src, Path) or is_quantized_checkpoint(src) or not any(src.glob("*.safetensors")):
         return None, None, None, None  # load_fp loads it or says what is wrong
+    if AutoConfig.from_pretrained(src).model_type in VLMS:
+        return None, None, None, None
     try:
         shards = ShardedTensors(src)
         m = skeleton(src, dtype)
-        blocks = LazyBlocks(m, arch_for(m.config), shards)
+        arch = arch or arch_for(m.config)
+        if arch.experts is not None or arch.disk_names:
+            return None, None, None, None
+        blocks = LazyBlocks(m, arch, shards)
     except LazyUnsupported as e:
         print(f"note: reading the whole model into memory ({e})")
         return None, None, None, None

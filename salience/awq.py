@@ -33,7 +33,8 @@ class SearchConfig:
     alpha_one: bool = False  # also try alpha = 1 (the reference grid stops at (n_grid-1)/n_grid)
     # "x": s = x_mean^a (llm-awq); "duo": s = x_mean^a / w_mean^(1-a) (AutoAWQ); "both": search both
     formula: str = "x"
-    clip_asym: bool = False  # shrink min and max separately (the quantizer is asymmetric)
+    clip_asym: bool = True  # shrink min and max separately (the quantizer is asymmetric); the ablation
+    # (benchmarks/results/ablation-*.md) shows it beats the reference's symmetric shrink on both real models
     clip_grid: int = 20  # shrink steps of 1/clip_grid ...
     clip_max_shrink: float = 0.5  # ... down to (1 - clip_max_shrink) of the range
     # "output": error of the inspected module's output (reference), measured on `search_tokens` tokens;

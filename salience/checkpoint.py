@@ -29,6 +29,7 @@ INDEX = "model.safetensors.index.json"
 REPORT = "salience_report.json"
 SEARCH = "salience_search.safetensors"
 RESUME = "salience_resume.json"  # only in an unfinished <out>.partial/
+ARCH = "salience_arch.json"  # the structure used (table entry or discovered); the loader reads it
 
 
 class CheckpointError(ValueError):
@@ -275,6 +276,25 @@ def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict
             if not k.startswith(layers_path + ".") and k not in skip}
 
 
+def not_converted(arch, model) -> list[str]:
+    """modules_to_not_convert: lm_head, the model-level 16-bit modules (VLM vision tower, projector) and each
+    block's (routers, shared-expert gates) by full name. Full names because loaders match differently:
+    transformers by prefix or suffix, vLLM and AutoAWQ by substring, where "mlp.gate" would also match a
+    dense layer's "mlp.gate_up_proj"; "model.layers.3.mlp.gate" matches only that router."""
+    from .arch import disk_name, get_module
+
+    names = ["lm_head", *arch.not_convert_model]
+    for i, block in enumerate(get_module(model, arch.layers)):
+        for n in arch.not_convert:
+            try:
+                present = get_module(block, n) is not None
+            except AttributeError:
+                present = False
+            if present:
+                names.append(disk_name(arch, f"{arch.layers}.{i}.{n}"))
+    return names
+
+
 def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict:
     return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
             "version": "gemm", "modules_to_not_convert": list(not_converted)}
@@ -305,7 +325,11 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
     """Load an AWQ GEMM checkpoint (ours or another tool's) into a transformers model whose quantized
     linears are QuantLinear. Returns (model, tokenizer)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import UnsupportedArchitecture, arch_for, arch_from_dict, disk_name, get_module
+    from .moe import unfuse
 
     path = Path(path)
     if (path / RESUME).exists() or path.name.endswith(".partial"):
@@ -324,8 +348,27 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     shapes = _tensor_shapes(path)
+    # the class that was quantized (a VLM's ...ForConditionalGeneration, not its text-only CausalLM)
+    # (a class registered with AutoModelForCausalLM by the user is not in transformers' namespace: the
+    # auto class maps its config to it, or raises naming what it supports)
+    names = getattr(config, "architectures", None) or []
+    cls = (getattr(transformers, names[0], None) if names else None) or AutoModelForCausalLM
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype) if cls is AutoModelForCausalLM \
+            else cls._from_config(config, dtype=dtype)
+    if (path / ARCH).exists():  # written by salience: the structure it quantized with
+        arch = arch_from_dict(json.loads((path / ARCH).read_text()))
+    else:
+        try:
+            arch = arch_for(config)
+        except UnsupportedArchitecture:
+            arch = None  # another tool's checkpoint of a family outside our table: plain linears only
+    if arch is not None and arch.experts is not None:
+        for block in get_module(model, arch.layers):
+            unfuse(block, arch)  # the checkpoint holds one AWQ linear per expert
+    # module-tree name -> name in the file (they differ where the family's checkpoints use other names)
+    file_key = {disk_name(arch, k, reverse=True) if arch is not None else k: k for k in shapes}
+    shapes = {k: shapes[fk] for k, fk in file_key.items()}
     for name in [k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")]:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)
@@ -335,6 +378,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
                                   f"config.json has {old}")
         setattr(model.get_submodule(parent), leaf,
                 QuantLinear(k, n8 * 8, old.bias is not None, group_size, dtype=dtype, device="meta"))
+    expected = model.state_dict()
     sd = {}
     by_file: dict[Path, list[str]] = {}
     for k, (f, _) in shapes.items():
@@ -342,9 +386,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     for f, keys in by_file.items():
         with safe_open(f, "pt", device=str(device)) as sf:
             for k in keys:
-                t = sf.get_tensor(k)
-                sd[k] = t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t
-    expected = model.state_dict()
+                t = sf.get_tensor(file_key[k])
+                # floating tensors take the dtype the model gives them (dtype, or fp32 where the class
+                # keeps a module in fp32); packed scales stay fp16
+                want = expected[k].dtype if k in expected and expected[k].is_floating_point() else dtype
+                sd[k] = t.to(want) if t.is_floating_point() and not k.endswith(".scales") else t
     for k, t in sd.items():
         if k in expected and tuple(expected[k].shape) != tuple(t.shape):
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, config.json implies "

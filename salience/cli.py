@@ -1,4 +1,4 @@
-"""salience command line: quantize, eval, generate, demo."""
+"""salience command line: quantize, eval, generate, chat, bench, demo, discover."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def _add_calib_args(p):
     p.add_argument("--formula", choices=["x", "duo", "both"], default="x",
                    help="scale formula: x_mean^a (llm-awq), x_mean^a / w_mean^(1-a) (AutoAWQ), or search both")
     p.add_argument("--alpha-one", action="store_true", help="also try alpha = 1")
-    p.add_argument("--clip-asym", action="store_true", help="shrink the min and max of the range separately")
+    p.add_argument("--clip-asym", action=argparse.BooleanOptionalAction, default=True,
+                   help="clip search: shrink the min and max of the range separately (default), or "
+                   "--no-clip-asym for the reference's symmetric shrink")
     p.add_argument("--loss", choices=["output", "gram"], default="gram",
                    help="scale-search loss: the inspected module's output error (reference; attention and "
                    "MLP measured on --search-tokens tokens) or the group's linear-output error over all "
@@ -42,6 +44,24 @@ def _add_run_args(p):
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading .bin/.pt pickle weights (they can run code; only for files you trust)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
+
+
+def _add_sampling_args(p, max_new_tokens):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; 1.1-1.3 is typical")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); the output ends before it")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_engine_args(p):
+    p.add_argument("--backend", choices=["auto", "engine", "transformers"], default="auto",
+                   help="auto: the engine's decoder when the architecture has one, else transformers (says so)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU (no CUDA graph)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="GPU: do not fuse the decode step's elementwise ops with torch.compile")
 
 
 def _add_eval_args(p, default_windows="64"):
@@ -74,6 +94,7 @@ def cmd_quantize(a):
     t0 = time.time()
     rows = []
     loaded = None
+    arch = _load_arch(getattr(a, "arch", None))
     if a.eval or a.allow_pickle or a.trust_remote_code:
         from .models import load_fp
 
@@ -84,7 +105,7 @@ def cmd_quantize(a):
         # The comparison table needs the full-precision and RTN models too: load once, copy.
         rows.append(("full precision", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows), a.device,
                                                desc="ppl fp")))
-        api.fake_quantize(m, qcfg, "rtn", device=a.device, dtype=a.dtype)
+        api.fake_quantize(m, qcfg, "rtn", device=a.device, dtype=a.dtype, arch=arch)
         rows.append((f"RTN w{a.bits} g{a.group_size}", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows),
                                                                 a.device, desc="ppl rtn")))
         if loaded is None:
@@ -96,7 +117,7 @@ def cmd_quantize(a):
     # Local safetensors folders are read one block at a time, and the run resumes after a crash.
     path, _, tok = api.quantize(a.model, out, qcfg, a.method, a.calib, a.calib_rows, a.seqlen,
                                 scfg=_search_config(a), device=a.device, dtype=a.dtype, overwrite=a.overwrite,
-                                loaded=loaded, restart=a.restart)
+                                loaded=loaded, restart=a.restart, arch=arch)
     print(f"\n4-bit checkpoint written to {path.resolve()}")
     if a.eval or a.prompt:
         qm, qtok = api.load_any(str(path), dtype=a.dtype)
@@ -110,6 +131,36 @@ def cmd_quantize(a):
         print(f"\nprompt: {a.prompt}")
         print("4-bit greedy:", api.generate(qm, qtok, a.prompt, a.max_new_tokens, device=a.device))
     print(f"\ndone in {time.time() - t0:.0f} s; checkpoint: {path.resolve()}")
+
+
+def _load_arch(path):
+    """An architecture entry saved by `salience discover --json` (None: the built-in table)."""
+    if path is None:
+        return None
+    import json
+
+    from .arch import arch_from_dict
+    return arch_from_dict(json.loads(Path(path).read_text()))
+
+
+def cmd_discover(a):
+    import json
+
+    import torch
+
+    from .arch import arch_to_dict
+    from .discover import arch_to_python, discover
+    from .models import load_fp
+
+    m, _, _ = load_fp(a.model, dtype=torch.float32, allow_pickle=a.allow_pickle,
+                      trust_remote_code=a.trust_remote_code)  # fp32: the fold tests compare to 1e-4
+    arch = discover(m, n_rows=a.rows, seqlen=a.seqlen)
+    name = a.model_type or m.config.model_type
+    print(f"# scaling groups found for {name} ({type(m).__name__}); paste into ARCHS in salience/arch.py")
+    print(arch_to_python(arch, name))
+    if a.json:
+        Path(a.json).write_text(json.dumps(arch_to_dict(arch), indent=2))
+        print(f"# saved as JSON to {a.json}: salience quantize --arch {a.json} ...")
 
 
 def _table(rows):
@@ -140,16 +191,77 @@ def cmd_eval(a):
     print(f"{a.data} perplexity of {a.model or 'smollm2'} [{label}], {a.windows} windows of {a.seqlen}: {v:.4f}")
 
 
-def cmd_generate(a):
-    from . import api
+def _sampling(a):
+    from .engine import SamplingParams
 
-    m, tok = api.load_any(a.model, dtype=a.dtype, allow_pickle=a.allow_pickle,
-                          trust_remote_code=a.trust_remote_code)
-    if tok is None:
-        raise SystemExit(f"error: {a.model} has no tokenizer files")
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    print(api.generate(m, tok, prompt, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, a.chat,
-                       a.device))
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                          top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop or [],
+                          seed=a.seed)
+
+
+def _engine(a):
+    from .engine import load
+
+    return load(a.model, device=a.device, dtype=a.dtype, cuda_graph=not a.no_cuda_graph,
+                compile=not a.no_compile, backend=a.backend,
+                allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+
+
+def cmd_generate(a):
+    from .engine.generate import print_stream
+
+    eng = _engine(a)
+    prompts = a.prompt if a.prompt else [sys.stdin.read()]
+    p = _sampling(a)
+    if len(prompts) == 1 and not a.no_stream:
+        print_stream(eng.stream(prompts[0], p, chat=a.chat))
+        print()
+        return
+    for i, out in enumerate(eng.generate(prompts, p, chat=a.chat)):
+        if len(prompts) > 1:
+            print(f"--- [{i}] ({len(out.token_ids)} tokens, {out.finish_reason})")
+        print(out.text)
+
+
+def cmd_chat(a):
+    eng = _engine(a)
+    p = _sampling(a)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    print(f"salience chat: {eng.name} on the {eng.kind} ({eng.runner.device}); /reset clears the "
+          "conversation, /exit (or end of input) quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(system)
+            print("(conversation reset)")
+            continue
+        messages.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in eng.stream(eng.encode_chat(messages), p):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print(" [interrupted]", end="")
+        print()
+        reply = "".join(pieces)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench(a):
+    from .engine import bench
+
+    bench.main(a.bench_args)
 
 
 def cmd_demo(a):
@@ -181,7 +293,22 @@ def build_parser():
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--restart", action="store_true", help="discard an unfinished run in <out>.partial/ "
                    "instead of continuing it (a rerun of the same command continues it by default)")
+    q.add_argument("--arch", help="architecture entry saved by `salience discover --json` (for a model_type "
+                   "the built-in table lacks)")
     q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser("discover", help="find the scaling groups of an architecture from one forward pass",
+                       description="Trace one forward pass of each block on random tokens, keep the scaling "
+                       "groups whose fold is exact, and print them as a table entry (Python for "
+                       "salience/arch.py; --json to save one for `salience quantize --arch`).")
+    v.add_argument("model", help="model folder, .gguf file, or hub id")
+    v.add_argument("--json", help="also save the entry as JSON here")
+    v.add_argument("--model-type", help="name of the entry (default: config.model_type)")
+    v.add_argument("--rows", type=int, default=2, help="random token rows (default 2)")
+    v.add_argument("--seqlen", type=int, default=32, help="tokens per row (default 32)")
+    v.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+    v.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
+    v.set_defaults(func=cmd_discover)
 
     d = sub.add_parser("demo", help="quantize the embedded SmolLM2 (AWQ w4 g64), compare perplexity, generate",
                        description="The main job on the embedded default: AWQ w4 g64 SmolLM2-135M calibrated on "
@@ -204,17 +331,34 @@ def build_parser():
     _add_run_args(e)
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="generate text from a model (prompt in, text out)")
+    g = sub.add_parser("generate", help="generate text from a model (prompt in, text out) on the engine",
+                       description="Generate on the engine (Llama family and Gemma 3: compact decoder, static "
+                       "KV cache, CUDA-graph decode; other architectures: the transformers model). One prompt "
+                       "streams; several (--prompt repeated) run as one batch.")
     g.add_argument("model", nargs="?", help="model folder, .gguf, checkpoint or hub id (default: smollm2)")
-    g.add_argument("--prompt", help="prompt text (default: read standard input)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--no-stream", action="store_true", help="print the text once complete")
+    _add_sampling_args(g, max_new_tokens=64)
     _add_run_args(g)
+    _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /reset, /exit)",
+                       description="Chat with a model through its tokenizer's chat template. Lines from standard "
+                       "input are user turns; /reset starts a new conversation, /exit or end of input quits.")
+    c.add_argument("model", nargs="?", help="model folder, .gguf, checkpoint or hub id (default: smollm2)")
+    c.add_argument("--system", help="system message")
+    _add_sampling_args(c, max_new_tokens=256)
+    _add_run_args(c)
+    _add_engine_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="benchmarks: `salience bench decode --help`",
+                       description="`salience bench decode [...]` runs the decode benchmark (benchmarks/decode.py).")
+    b.add_argument("what", choices=["decode"])
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the decode benchmark")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

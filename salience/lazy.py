@@ -111,7 +111,8 @@ def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = F
 class LazyBlocks:
     """The decoder blocks of a meta skeleton, materialised one at a time from the shards.
 
-    load(i) returns block i on the device (its host copy read ahead while block i-1 was being quantized);
+    load(i) returns block i in host memory (read ahead while block i-1 was being quantized; the driver
+    moves it to the device);
     release(i) turns its parameters back into meta tensors. `rest_entries` streams the non-block tensors
     (embeddings, final norm, untied head) from the shards for the writer."""
 
@@ -150,10 +151,12 @@ class LazyBlocks:
         sd = self.src.read(keys, self.dtypes)
         self.model.load_state_dict(sd, strict=False, assign=True)
 
-    def rest_entries(self, dtype: torch.dtype, chunk_bytes: int = 64 << 20) -> list[tuple]:
-        """checkpoint.save_streamed entries of the non-block tensors in `dtype` (embeddings, final norm, untied
-        head), read from the shards ~64 MiB of rows at a time: a 128K-token vocabulary never sits in host
-        memory. Each value takes the path stored -> load dtype -> dtype, as in the in-memory path."""
+    def rest_entries(self, dtype: torch.dtype, keep_fp32=lambda name: False, name_of=lambda name: name,
+                     chunk_bytes: int = 64 << 20) -> list[tuple]:
+        """checkpoint.save_streamed entries of the non-block tensors in `dtype` (fp32 where keep_fp32(name)),
+        named name_of(name) (embeddings, final norm, untied head), read from the shards ~64 MiB of rows at
+        a time: a 128K-token vocabulary never sits in host memory. Each value takes the path stored ->
+        load dtype -> dtype, as in the in-memory path."""
         keys = [k for k in self.dtypes if not k.startswith(self.arch.layers + ".")
                 and not (self.tied and k == "lm_head.weight")]
         out = []
@@ -164,20 +167,22 @@ class LazyBlocks:
                 stored = _FROM_ST[sl.get_dtype()]
                 fp = stored.is_floating_point
 
-            def chunks(k=k, shape=shape, fp=fp):
+            final = (torch.float32 if keep_fp32(k) else dtype) if fp else stored
+
+            def chunks(k=k, shape=shape, final=final):
                 with safe_open(self.src.file_of[k], "pt") as sf:
                     if len(shape) < 2:
-                        yield self._cast(sf.get_tensor(k), k, dtype, fp)
+                        yield self._cast(sf.get_tensor(k), k, final)
                         return
                     sl = sf.get_slice(k)
                     step = max(1, chunk_bytes // (math.prod(shape[1:]) * 4))
                     for r in range(0, shape[0], step):
-                        yield self._cast(sl[r:r + step], k, dtype, fp)
-            out.append((k, dtype if fp else stored, shape, chunks))
+                        yield self._cast(sl[r:r + step], k, final)
+            out.append((name_of(k), final, shape, chunks))
         return out
 
-    def _cast(self, t, k, dtype, fp):
-        return t.to(self.dtypes[k]).to(dtype) if fp else t
+    def _cast(self, t, k, final):
+        return t.to(self.dtypes[k]).to(final) if t.is_floating_point() else t
 
     def drop_base(self):
         """After the block inputs are captured: the embeddings etc. back to meta (their memory freed)."""
@@ -188,14 +193,14 @@ class LazyBlocks:
             for leaf, p in list(mod.named_parameters(recurse=False)):
                 mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
 
-    def load(self, i: int, device, dtype) -> nn.Module:
+    def load(self, i: int) -> nn.Module:
         fut = self._ahead.pop(i, None)
         sd = fut.result() if fut is not None else self._read(i)
         if self._pool is not None and i + 1 < len(self.layers) and i + 1 not in self._ahead:
             self._ahead[i + 1] = self._pool.submit(self._read, i + 1)
         block = self.layers[i]
         block.load_state_dict(sd, strict=True, assign=True)
-        return block.to(device=device, dtype=dtype)
+        return block
 
     def release(self, i: int, block: nn.Module):
         self.layers[i] = block.to("meta")
@@ -215,8 +220,8 @@ class InMemoryBlocks:
     def __len__(self):
         return len(self.layers)
 
-    def load(self, i: int, device, dtype) -> nn.Module:
-        return self.layers[i].to(device=device, dtype=dtype)
+    def load(self, i: int) -> nn.Module:
+        return self.layers[i]
 
     def release(self, i: int, block: nn.Module):
         self.layers[i] = block.to("cpu")

@@ -96,8 +96,8 @@ def materialize(model: str | None) -> Path | str:
     if (out / "config.json").exists():
         return out
     try:
-        import gguf as _  # noqa: F401
         import accelerate as _a  # noqa: F401
+        import gguf as _  # noqa: F401
     except ImportError as e:
         raise ModelError(f"loading GGUF needs the `gguf` extra: pip install 'salience[gguf]' ({e})") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,7 +141,14 @@ def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_rem
                                  "arbitrary code. Pass --allow-pickle if you trust the file.")
             raise ModelError(f"{src}: no *.safetensors weights found")
     try:
-        m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32,
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        from .arch import VLMS
+
+        mt = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code).model_type
+        # a VLM loads with its vision tower (its class is not an AutoModelForCausalLM)
+        auto = AutoModelForImageTextToText if mt in VLMS else AutoModelForCausalLM
+        m = auto.from_pretrained(src, dtype=dtype or torch.float32,
                                                  use_safetensors=not allow_pickle,
                                                  trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)

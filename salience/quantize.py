@@ -12,7 +12,9 @@ which computes the masks and position embeddings each block expects (sliding/ful
 
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import awq
+from . import awq, moe
 from .arch import Arch, ScaleGroup, get_module
 from .lazy import InMemoryBlocks
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
@@ -120,15 +122,24 @@ class _InputStats:
                 self.gram[name] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
             self.abs_sum[name] += a
             self.count[name] += x2.shape[0]
-            # X^T X in the compute dtype, accumulated in fp32 across batches; wide inputs (7B down_proj:
-            # 11008) by column blocks, so that the 16-bit product and its fp32 copy stay small
+            # X^T X sums up to n_tokens * max|x|^2: fp16 overflows (65504) long before fp32/bf16 would,
+            # so fp16 activations are upcast; bf16 keeps its fast matmul (same exponent range as fp32).
+            # Accumulated in fp32 across batches; wide inputs (7B down_proj: 11008) by column blocks, so
+            # that the product and its fp32 copy stay K x 4096.
+            xg = x2.float() if x2.dtype == torch.float16 else x2
             step = k if k <= self.gram_block else self.gram_block
             for j in range(0, k, step):
-                self.gram[name][:, j:j + step] += (x2.t() @ x2[:, j:j + step]).float()
+                self.gram[name][:, j:j + step] += (xg.t() @ xg[:, j:j + step]).float()
         return fn
 
     def new_pass(self):
         self._seen = {}
+
+    def has(self, name):
+        return name in self.key_of
+
+    def tokens(self, name):
+        return self.count[self.key_of[name]] if name in self.key_of else 0
 
     def x_mean(self, name):
         k = self.key_of[name]
@@ -154,8 +165,55 @@ def _call(module, args, kwargs):
 
 # ---- one block -------------------------------------------------------------------------------------------
 
-def quantizable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def quantizable_linears(block: nn.Module, arch: Arch | None = None) -> dict[str, nn.Linear]:
+    skip = set(arch.not_convert) if arch is not None else set()
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n not in skip}
+
+
+def expand_groups(groups, n_experts: int) -> list[ScaleGroup]:
+    """Resolve `*` (every expert index): a group whose prev has `*` is repeated per expert; otherwise each
+    name with `*` in linears/compensate becomes one name per expert. Without experts, groups naming `*`
+    are dropped (they are optional: dense layers of an MoE model)."""
+    out = []
+    for g in groups:
+        names = (g.prev, g.inspect, *g.linears, *g.compensate)
+        if not any("*" in n for n in names):
+            out.append(g)
+            continue
+        if n_experts == 0:
+            continue
+        if "*" in g.prev:
+            out += [ScaleGroup(g.prev.replace("*", str(e)), tuple(n.replace("*", str(e)) for n in g.linears),
+                               g.inspect.replace("*", str(e)), g.prev_chunk, g.optional,
+                               tuple(n.replace("*", str(e)) for n in g.compensate)) for e in range(n_experts)]
+        else:
+            def each(ns):
+                return tuple(x for n in ns for x in ([n.replace("*", str(e)) for e in range(n_experts)]
+                                                       if "*" in n else [n]))
+            out.append(ScaleGroup(g.prev, each(g.linears), g.inspect, g.prev_chunk, g.optional,
+                                  each(g.compensate)))
+    return out
+
+
+def block_groups(block: nn.Module, arch: Arch) -> list[ScaleGroup]:
+    """The block's scaling groups with expert wildcards resolved (experts must be unfused: moe.unfuse)."""
+    return expand_groups(arch.groups, moe.n_experts(block, arch))
+
+
+def _has(block, name: str) -> bool:
+    """Whether the block has module `name` (transformers sets absent optional submodules to None)."""
+    try:
+        return get_module(block, name) is not None
+    except AttributeError:
+        return False
+
+
+def apply_scale(block, g: ScaleGroup, s: torch.Tensor, plus_one: bool = False):
+    """Fold s into the group (exact in full precision): prev's output / s, linears' and compensated
+    modules' input columns * s."""
+    prev = get_module(block, g.prev)
+    awq.fold_into_prev(prev, s, _prev_rows(prev, g), plus_one)
+    awq.fold_into_linears([get_module(block, n) for n in (*g.linears, *g.compensate)], s)
 
 
 def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
@@ -167,6 +225,12 @@ def _prev_rows(prev: nn.Module, g: ScaleGroup) -> slice:
 
 
 def _group_applies(block, g: ScaleGroup) -> bool:
+    missing = [n for n in (g.prev, *g.linears, *g.compensate) if not _has(block, n)]
+    if missing:
+        if g.optional:
+            return False
+        raise ValueError(f"scaling group {g.prev} -> {g.linears}: the block has no {missing} (table entry is "
+                         "wrong)")
     prev = get_module(block, g.prev)
     width = prev.weight[_prev_rows(prev, g)].shape[0]  # channels prev feeds to `linears` (a view)
     ok = all(get_module(block, n).in_features == width for n in g.linears)
@@ -186,11 +250,12 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     tensor, so one activation buffer serves the whole model. The integer results stay on the device."""
     t0 = time.time()
     phases = {}
-    lins = quantizable_linears(block)
+    lins = quantizable_linears(block, arch)
+    groups = block_groups(block, arch)
     for name, lin in lins.items():
         qcfg.groups(lin.in_features, f"block {index} {name}")  # clear error before any work
     stats = _InputStats()
-    inspect_names = {g.inspect for g in arch.groups if g.inspect not in lins} \
+    inspect_names = {g.inspect for g in groups if g.inspect not in lins and _has(block, g.inspect)} \
         if scfg is not None and scfg.loss == "output" else set()
     n_search_rows = max(1, -(-scfg.search_tokens // x.shape[1])) if scfg else 0
     saved_calls: dict[str, list] = {n: [] for n in inspect_names}
@@ -207,7 +272,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                 saved_calls[name].append((args, kwargs))
         return fn
 
-    handles = [lin.register_forward_pre_hook(stats.hook(n)) for n, lin in lins.items()] if scfg else []
+    # compensated modules (routers) read all tokens of their group: the group's activation statistic
+    watched = {**lins, **{n: get_module(block, n) for g in groups for n in g.compensate if _has(block, n)}}
+    handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in watched.items()] if scfg else []
     handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                 for n in inspect_names]
     outs = []
@@ -229,15 +296,23 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     search: dict[str, torch.Tensor] = {}
     report: dict = {"groups": {}, "skipped_groups": []}
     in_scale: dict[str, torch.Tensor] = {}  # linear -> scale applied to its input columns
+    # Linears no calibration token reached (experts the router never picked): quantized from their weights
+    # alone (no scale, no clip search).
+    no_tokens = sorted(n for n in lins if scfg is not None and not stats.has(n))
+    if no_tokens:
+        report["no_calibration_tokens"] = no_tokens
+        warnings.warn(f"block {index}: no calibration token reached {', '.join(no_tokens)}; quantized from "
+                      "the weights alone (no search of their own)", stacklevel=2)
     if scfg is not None:
-        for g in arch.groups:
-            if not _group_applies(block, g):
-                report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
+        for g in groups:
+            if not _group_applies(block, g):  # optional: shapes disagree, or a dense/MoE alternative
+                if all(_has(block, n) for n in (g.prev, *g.linears)):  # report shape mismatches only
+                    report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
                 continue
+            if not any(stats.has(n) for n in g.linears):
+                continue  # an expert without tokens: nothing to measure, listed in no_calibration_tokens
             s, alpha, losses = _search_group(block, g, stats, saved_calls, qcfg, scfg)
-            prev = get_module(block, g.prev)
-            awq.fold_into_prev(prev, s, _prev_rows(prev, g), arch.norm_plus_one)
-            awq.fold_into_linears([get_module(block, n) for n in g.linears], s)
+            apply_scale(block, g, s, arch.norm_plus_one)
             for n in g.linears:
                 in_scale[n] = s
             key = f"{g.prev}->{'+'.join(g.linears)}"
@@ -250,7 +325,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     for name, lin in lins.items():
         w = lin.weight
         clip_min = clip_max = None
-        if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip:
+        if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip and stats.has(name):
             # only the diagonal blocks matter; with the folded scale s those of the Gram of X / s
             g = awq.diag_blocks(stats.gram_of(name), qcfg.groups(w.shape[1]), in_scale.get(name))
             # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
@@ -272,7 +347,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
 def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, scfg):
     lins = [get_module(block, n) for n in g.linears]
-    x_mean = stats.x_mean(g.linears[0])
+    # the member that saw the most tokens (the router or shared expert, not a routed expert) gives mean|x|
+    x_mean = stats.x_mean(max((*g.compensate, *g.linears), key=stats.tokens))
     w_mean = awq.weight_mean([lin.weight for lin in lins], qcfg) if scfg.formula != "x" else None
     orig = [lin.weight.clone() for lin in lins]
 
@@ -280,10 +356,11 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
         # Output error of the group's linears, exact over all calibration tokens in Gram form. When the
         # inspected module is that single linear this is the reference loss; otherwise a surrogate that
         # skips the non-linear rest of the module (attention, SiLU * up).
-        gm = stats.gram_of(g.linears[0])
+        # each linear's own Gram (routed experts see different tokens); linears without tokens add nothing
+        grams = [stats.gram_of(n) if stats.has(n) else None for n in g.linears]
 
         def loss_fn(s):
-            return sum(awq.scaled_gram_error(w, s, qcfg, gm) for w in orig)
+            return sum(awq.scaled_gram_error(w, s, qcfg, gm) for w, gm in zip(orig, grams) if gm is not None)
     else:  # non-linear module: output MSE on the saved calls
         mod = get_module(block, g.inspect)
         calls = saved_calls[g.inspect]
@@ -305,6 +382,27 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
 
 # ---- the whole model ----------------------------------------------------------------------------------------
 
+def fp32_names(model: nn.Module):
+    """Predicate on tensor names the model class keeps in fp32 whatever its dtype (transformers'
+    _keep_in_fp32_modules[_strict]: DeepSeek-V3's router weight and score bias). Matched as transformers
+    does, on whole dotted components."""
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or []),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+    if not keep:
+        return lambda name: False
+    pattern = re.compile(r"(^|\.)(" + "|".join(map(re.escape, keep)) + r")($|\.)")
+    return lambda name: pattern.search(name) is not None
+
+
+def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -> nn.Module:
+    """module.to(device, dtype), except floating tensors named by keep_fp32, which go to fp32."""
+    module.to(device=device, dtype=dtype)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and keep_fp32(name):
+            t.data = t.data.float()
+    return module
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
                    scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
@@ -320,6 +418,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     Returns the list of block reports (of blocks start..)."""
     blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
+    keep_fp32 = fp32_names(model)
     calls = None
     if scfg is not None:
         x0, calls = capture_block_inputs(model, arch, rows, batch_size, device)
@@ -332,7 +431,9 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
                initial=start, disable=not progress)
     for i in bar:
-        block = blocks.load(i, device, dtype)
+        block = blocks.load(i)  # on the host (lazy: read from the shards)
+        moe.unfuse(block, arch)  # fused experts -> per-expert linears (no-op for dense blocks)
+        block = to_compute(block, device, dtype, keep_fp32)  # the router stays fp32 if asked
         try:
             res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x)
         except NonFiniteActivation as e:

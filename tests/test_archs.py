@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 import transformers
+from tiny import CONFIGS, tiny_model, tiny_tokenizer
 
-from salience import api, awq
+from salience import api, moe
 from salience.arch import ARCHS, UnsupportedArchitecture, arch_for, get_module
-from salience.checkpoint import INDEX, REPORT, load_quantized
+from salience.checkpoint import INDEX, REPORT, load_quantized, not_converted
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
-from salience.quantize import _group_applies, _prev_rows
-
-from tiny import CONFIGS, tiny_model, tiny_tokenizer
+from salience.quantize import _group_applies, apply_scale, block_groups, quantizable_linears
 
 
 def test_every_table_entry_has_a_tiny_config():
@@ -36,14 +35,12 @@ def test_folding_scales_is_exact(model_type):
         ref = m(ids).logits
         taken = 0
         for block in get_module(m, arch.layers):
-            for g in arch.groups:
+            moe.unfuse(block, arch)
+            for g in block_groups(block, arch):
                 if not _group_applies(block, g):
                     continue
-                prev = get_module(block, g.prev)
                 k = get_module(block, g.linears[0]).in_features
-                s = torch.rand(k) * 2 + 0.25
-                awq.fold_into_prev(prev, s, _prev_rows(prev, g), arch.norm_plus_one)
-                awq.fold_into_linears([get_module(block, n) for n in g.linears], s)
+                apply_scale(block, g, torch.rand(k) * 2 + 0.25, arch.norm_plus_one)
                 taken += 1
         out = m(ids).logits
     assert taken >= 2 * len(get_module(m, arch.layers))
@@ -64,14 +61,17 @@ def test_quantize_and_reload_same_logits(model_type, tmp_path):
     assert path == out and not (tmp_path / "ckpt.partial").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                                          "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+                                          "version": "gemm", "modules_to_not_convert": not_converted(arch, m)}
     index = json.loads((out / INDEX).read_text())
     assert any(k.endswith(".qweight") for k in index["weight_map"])
     report = json.loads((out / REPORT).read_text())
     assert len(report["blocks"]) == 2 and report["blocks"][0]["groups"]
     qm, qtok = load_quantized(out, dtype=dtype)
+    packed = ("qweight", "qzeros", "scales")
+    qsd = {k: v.dtype for k, v in qm.state_dict().items() if not k.endswith(packed)}
+    assert qsd == {k: v.dtype for k, v in fq.state_dict().items() if k in qsd}  # fp32 routers stay fp32
     n_q = sum(isinstance(mod, QuantLinear) for mod in qm.modules())
-    n_lin = sum(len([x for x in b.modules() if isinstance(x, torch.nn.Linear)]) for b in get_module(m, arch.layers))
+    n_lin = sum(len(quantizable_linears(b, arch)) for b in get_module(m, arch.layers))
     assert n_q == n_lin > 0
     # the reloaded 4-bit weights are exactly the in-memory fake-quantized ones
     fq_mods = dict(fq.named_modules())

@@ -35,7 +35,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SALIENCE_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("cmd", [[], ["quantize"], ["eval"], ["generate"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["quantize"], ["eval"], ["generate"], ["demo"], ["discover"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])

@@ -26,3 +26,17 @@ def test_smollm2_awq_beats_rtn_g64():
     ppl_awq = api.ppl(m, tok, "wiki", max_windows=windows, progress=False)
     print(f"wiki ppl ({windows} windows): RTN {ppl_rtn:.3f}  AWQ {ppl_awq:.3f}")
     assert ppl_awq < ppl_rtn
+
+
+def test_discovery_on_real_smollm2_matches_the_table():
+    """On the real model (GQA: no v -> o group), discovery finds the table's applicable groups."""
+    from salience.arch import arch_for, get_module
+    from salience.discover import discover, group_key
+    from salience.quantize import _group_applies
+
+    m, _, _ = load_fp("smollm2", dtype=torch.float32)
+    arch = arch_for(m.config)
+    block = get_module(m, arch.layers)[0]
+    table = {group_key(g) for g in arch.groups if _group_applies(block, g)}
+    found = discover(m)
+    assert {group_key(g) for g in found.groups} == table and not found.norm_plus_one

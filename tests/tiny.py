@@ -29,6 +29,22 @@ CONFIGS = {
                                           num_attention_heads=4, max_position_embeddings=256,
                                           word_embed_proj_dim=64),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
+    # MoE: 8 experts, top-2, expert width 32 (= the tests' group size)
+    "mixtral": lambda: transformers.MixtralConfig(**_COMMON, num_key_value_heads=2, num_local_experts=8,
+                                                  num_experts_per_tok=2, sliding_window=None),
+    # layer 1 is dense (mlp_only_layers): both MLP kinds in one model; shared expert with a sigmoid gate
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_COMMON, num_key_value_heads=2, num_experts=8,
+                                                     num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=64, mlp_only_layers=[1]),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=16,
+                                                     num_experts=8, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32),
+    # MLA attention with q and kv low-rank paths; layer 0 dense (first_k_dense_replace); 8 experts in 2
+    # groups, top-2 from the best group; one shared expert
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **_COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1),
 }
 
 
@@ -55,3 +71,45 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+# Vision-language models: tiny vision towers (one layer, 28x28 images of 2x2 patches of 14 pixels) and text
+# models like the ones above. The last vocabulary ids are the image/video/vision-start tokens.
+IMAGE = VOCAB - 1
+_TXT = dict(_COMMON, num_key_value_heads=2)
+_MROPE = {"type": "mrope", "mrope_section": [2, 2, 4]}
+VLM_CONFIGS = {
+    "llava": lambda: transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=transformers.LlamaConfig(**_TXT), image_token_index=IMAGE),
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        text_config=dict(**_TXT, rope_scaling=_MROPE, bos_token_id=1, eos_token_id=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           fullatt_block_indexes=[0]),
+        text_config=dict(**_TXT, rope_scaling=_MROPE, bos_token_id=1, eos_token_id=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
+    "gemma3": lambda: transformers.Gemma3Config(
+        vision_config=transformers.SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14),
+        text_config=transformers.Gemma3TextConfig(**dict(_TXT, num_key_value_heads=1), head_dim=16,
+                                                  sliding_window=8),
+        mm_tokens_per_image=4, image_token_index=IMAGE),
+}
+
+
+def tiny_vlm(model_type: str, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = VLM_CONFIGS[model_type]()
+    m = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif not p.any():  # Gemma 3's projection matrix initialises to zeros: images would not matter
+                p.normal_(0, 0.02)
+    return m

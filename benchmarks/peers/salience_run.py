@@ -1,0 +1,19 @@
+"""salience AWQ (default settings) or RTN, in the project's own environment."""
+import sys
+from pathlib import Path
+
+import _common as c
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from salience import api  # noqa: E402
+from salience.awq import SearchConfig  # noqa: E402
+from salience.quant import QuantConfig  # noqa: E402
+
+a = c.args({"--method": {"choices": ["awq", "rtn"], "default": "awq"}})
+m, tok = c.load(a.model)
+rows = c.rows(a.rows) if a.method == "awq" else None
+with c.Timer() as t:
+    api.fake_quantize(m, QuantConfig(a.bits, a.group_size), a.method, rows, SearchConfig(), dtype=torch.bfloat16)
+c.save(m, a.out)
+c.report(t.seconds)

@@ -1,0 +1,303 @@
+"""Quality side by side: wiki perplexity of every tool at the same bits, group size and calibration rows.
+
+    python benchmarks/quality.py [--settings smollm2:4:64 gemma3-270m:4:128 ...] [--tools ...]
+                                 [--windows 64|all] [--calib lee wiki-calib austen] [--peers DIR]
+
+Every tool quantizes the same full-precision model (the embedded real models, bf16) from the same
+calibration rows (`lee`, 128 x 512 tokens, seed 0, written once to a file that each tool reads), in its
+own process and, for peers, its own virtual environment (`bash scripts/peers.sh` makes them under
+`$SALIENCE_PEERS`, default ~/.cache/salience/peers). A tool writes its dequantized weights; this script
+loads them into the same full-precision model and measures perplexity with the project's evaluator on
+the same windows, so that only the weights differ between columns. Each tool's wall time (its own
+measurement of the quantization, model loading excluded) and peak host memory (its process's max RSS)
+are recorded.
+
+Cells are cached in benchmarks/results/quality.json as they finish, so an interrupted run continues and
+settings can be added run by run; `--redo` recomputes. Writes quality.md (the README's table) and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from salience import api  # noqa: E402
+from salience.data import calibration_rows, eval_windows, load_text  # noqa: E402
+from salience.evaluate import perplexity  # noqa: E402
+from salience.models import materialize  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PEERS_SRC = ROOT / "benchmarks" / "peers"
+GROUPS = {"smollm2": (32, 64), "gemma3-270m": (32, 64, 128)}  # the group sizes that divide every linear
+# tool -> (virtual environment under --peers, or None for this one; runner; runner arguments)
+TOOLS = {
+    "rtn": (None, "salience_run.py", ["--method", "rtn"]),
+    "salience": (None, "salience_run.py", ["--method", "awq"]),
+    "llmc-awq": ("llmc", "llmc_run.py", ["--method", "awq"]),
+    "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
+    "hqq": ("hqq", "hqq_run.py", []),
+}
+LABELS = {"rtn": "RTN", "salience": "salience AWQ", "llmc-awq": "llm-compressor AWQ",
+          "llmc-gptq": "llm-compressor GPTQ", "hqq": "HQQ (no calibration)"}
+# Tools that were tried and cannot give a fair row on this machine: the table says why.
+NOT_RUN = {
+    "AutoAWQ 0.2.9": "runs on this CPU only for Llama-type models, about 14 min for SmolLM2 with 16 rows "
+                     "(minutes x 8 with our 128 rows), needs a source patch (.cpu() backup aliasing) to give "
+                     "sane output, and refuses gemma3_text; not run in this table",
+}
+
+
+def machine() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def parse_setting(s: str) -> tuple[str, int, int]:
+    model, bits, gs = s.split(":")
+    return model, int(bits), int(gs)
+
+
+def all_settings() -> list[str]:
+    return [f"{m}:{b}:{g}" for b in (4, 3) for m, gs in GROUPS.items() for g in gs]
+
+
+def cell_key(model, bits, gs, tool, calib) -> str:
+    return f"{model}|w{bits}g{gs}|{tool}|{calib}"
+
+
+class Store:
+    """quality.json: {"machine": ..., "cells": {key: record}}; saved after every cell."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+        self.data["machine"] = machine()
+
+    def get(self, key):
+        return self.data["cells"].get(key)
+
+    def put(self, key, rec):
+        self.data["cells"][key] = rec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def run_tool(tool, peers: Path, folder: Path, rows_file: Path, bits, gs, out: Path, timeout: int) -> dict:
+    venv, runner, extra = TOOLS[tool]
+    py = sys.executable if venv is None else str(peers / venv / "bin" / "python")
+    if not Path(py).exists():
+        return {"error": f"not installed: {py} (bash scripts/peers.sh)"}
+    cmd = [py, str(PEERS_SRC / runner), "--model", str(folder), "--rows", str(rows_file), "--bits", str(bits),
+           "--group-size", str(gs), "--out", str(out), *extra]
+    print("$", " ".join(cmd), flush=True)
+    t = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    wall = time.time() - t
+    if r.returncode:
+        tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
+        (out.parent / f"{out.stem}.stderr.txt").write_text(r.stderr)
+        return {"error": f"exit {r.returncode}: {tail[0][:300]}"}
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    rec["process_seconds"] = round(wall, 1)
+    return rec
+
+
+class Evaluator:
+    """One full-precision model per model name; a tool's tensors are loaded into it for one evaluation
+    and the originals put back afterwards."""
+
+    def __init__(self, model: str, windows: int | None):
+        self.model, self.tok = api.load_any(model)
+        self.model.eval()
+        self.windows = windows
+        self._win = {}
+
+    def ppl(self, tensors: dict[str, torch.Tensor] | None, source: str = "wiki") -> float:
+        if source not in self._win:
+            self._win[source] = eval_windows(self.tok, load_text(source), 512, self.windows, source=source)
+        w, n_prefix = self._win[source]
+        sd = self.model.state_dict()
+        backup = {}
+        for k, v in (tensors or {}).items():
+            if k not in sd or sd[k].shape != v.shape:
+                raise ValueError(f"tool output tensor {k} {tuple(v.shape)} does not match the model")
+            backup[k] = sd[k].clone()
+            sd[k].copy_(v)
+        try:
+            return perplexity(self.model, w, n_prefix, desc="ppl")
+        finally:
+            for k, v in backup.items():
+                sd[k].copy_(v)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="*", default=None, help="model:bits:group (default: all)")
+    ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
+    ap.add_argument("--calib", nargs="*", default=["lee"],
+                    help="calibration sources; the first is the table's, the others only run salience "
+                    "(the robustness study; evaluated on wiki-eval, disjoint from wiki-calib)")
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--windows", default="64", help="64 = quick mode, all = full mode")
+    ap.add_argument("--peers", default=os.environ.get("SALIENCE_PEERS",
+                                                      str(Path.home() / ".cache" / "salience" / "peers")))
+    ap.add_argument("--work", default=str(ROOT / "out" / "quality"))
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per tool run")
+    ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite quality.md from quality.json")
+    a = ap.parse_args()
+    store = Store(RESULTS / "quality.json")
+    if not a.report_only:
+        run(a, store)
+    write_report(store)
+
+
+def run(a, store: Store):
+    windows = None if a.windows == "all" else int(a.windows)
+    wtag = a.windows
+    settings = [parse_setting(s) for s in (a.settings or all_settings())]
+    peers, work = Path(a.peers), Path(a.work)
+    evaluators = {}
+    for model, bits, gs in settings:
+        if gs not in GROUPS[model]:
+            raise SystemExit(f"group {gs} does not divide every linear of {model}; choose from {GROUPS[model]}")
+        folder = Path(materialize(model))
+        if model not in evaluators:
+            evaluators.clear()  # one model in memory at a time
+            evaluators[model] = Evaluator(model, windows)
+        ev = evaluators[model]
+        fkey = cell_key(model, 16, 0, "fp", "-")
+        if a.redo or wtag not in (store.get(fkey) or {}).get("ppl", {}):
+            rec = store.get(fkey) or {"ppl": {}}
+            rec["ppl"][wtag] = ev.ppl(None)
+            store.put(fkey, rec)
+            print(fkey, rec, flush=True)
+        jobs = [(t, a.calib[0]) for t in a.tools] + [("salience", c) for c in a.calib[1:]]
+        for tool, calib in jobs:
+            key = cell_key(model, bits, gs, tool, "-" if tool in ("rtn", "hqq") else calib)
+            rec = store.get(key) or {}
+            if not a.redo and (wtag in rec.get("ppl", {}) or "error" in rec):
+                continue
+            d = work / model
+            d.mkdir(parents=True, exist_ok=True)
+            rows_file = d / f"rows-{calib}-{a.rows}x512.safetensors"
+            if not rows_file.exists():
+                save_file({"rows": calibration_rows(ev.tok, load_text(calib), a.rows, 512, seed=0)},
+                          str(rows_file))
+            out = d / f"{tool}-{calib}-w{bits}g{gs}.safetensors"
+            if not out.exists() or a.redo or not rec.get("quantize_seconds"):
+                res = run_tool(tool, peers, folder, rows_file, bits, gs, out, a.timeout)
+                if "error" in res:
+                    store.put(key, res)
+                    print(key, res, flush=True)
+                    continue
+                rec.update(res)
+            source = "wiki-eval" if calib != a.calib[0] else "wiki"
+            rec.setdefault("ppl", {})[wtag] = ev.ppl(load_file(str(out)), source)
+            rec["eval_source"] = source
+            store.put(key, rec)
+            print(key, rec, flush=True)
+
+
+def write_report(store: Store):
+    cells = store.data["cells"]
+    m = store.data["machine"]
+    wtags = sorted({w for c in cells.values() for w in c.get("ppl", {})})
+    tools = list(TOOLS)
+    md = ["# Quality: wiki perplexity, every tool side by side", "",
+          f"Machine: {m['processor']} ({m['cpus']} cores), torch {m['torch']}, Python {m['python']}. "
+          "Written by `python benchmarks/quality.py` from quality.json.", "",
+          "Same full-precision model (bf16), same calibration rows (lee, 128 x 512 tokens, seed 0) given to "
+          "every tool, same evaluator and windows (wiki, windows of 512 tokens; quick = the first 64 "
+          "windows, all = full mode). Cell: perplexity (loss vs full precision). **Bold**: smallest loss in "
+          "the row. Asymmetric INT with an integer zero point for every tool except HQQ (float zero "
+          "point). `-`: not run yet.", ""]
+    for wtag in wtags:
+        md += [f"## {'quick mode (64 windows)' if wtag == '64' else wtag + ' windows'}", "",
+               "| model | setting | full precision | " + " | ".join(LABELS[t] for t in tools)
+               + " | RTN loss closed by salience |",
+               "|---|---|---:|" + "---:|" * len(tools) + "---:|"]
+        for model, gss in GROUPS.items():
+            fp = (cells.get(cell_key(model, 16, 0, "fp", "-")) or {}).get("ppl", {}).get(wtag)
+            for bits in (4, 3):
+                for gs in gss:
+                    vals = {}
+                    for t in tools:
+                        c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
+                        vals[t] = c.get("ppl", {}).get(wtag, "error" if "error" in c else None)
+                    if fp is None or all(v is None for v in vals.values()):
+                        continue
+                    nums = {t: v for t, v in vals.items() if isinstance(v, float)}
+                    best = min(nums, key=nums.get) if nums else None
+                    row = []
+                    for t in tools:
+                        v = vals[t]
+                        s = "-" if v is None else "failed" if v == "error" else f"{v:.3f} ({v - fp:+.3f})"
+                        row.append(f"**{s}**" if t == best else s)
+                    closed = ""
+                    if isinstance(vals.get("rtn"), float) and isinstance(vals.get("salience"), float):
+                        closed = f"{100 * (vals['rtn'] - vals['salience']) / (vals['rtn'] - fp):.0f}%"
+                    md.append(f"| {model} | INT{bits} g{gs} | {fp:.3f} | " + " | ".join(row) + f" | {closed} |")
+        md.append("")
+    md += ["## Quantization time and peak host memory", "",
+           "Seconds of quantization as each tool measures it in its own process (model loading and writing "
+           "excluded; calibration forward passes included) / peak RSS of that process (MiB).", "",
+           "| model | setting | " + " | ".join(LABELS[t] for t in tools) + " |", "|---|---|" + "---:|" * len(tools)]
+    for model, gss in GROUPS.items():
+        for bits in (4, 3):
+            for gs in gss:
+                row, any_ = [], False
+                for t in tools:
+                    c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
+                    if "quantize_seconds" in c:
+                        any_ = True
+                        row.append(f"{c['quantize_seconds']:.0f} s / {c['max_rss_mb']} MiB")
+                    else:
+                        row.append("failed" if "error" in c else "-")
+                if any_:
+                    md.append(f"| {model} | INT{bits} g{gs} | " + " | ".join(row) + " |")
+    spread = [(k, c) for k, c in cells.items() if k.split("|")[2] == "salience"]
+    by_setting = {}
+    for k, c in spread:
+        model, setting, _, calib = k.split("|")
+        for wtag, v in c.get("ppl", {}).items():
+            by_setting.setdefault((model, setting, wtag), {})[calib] = (v, c.get("eval_source", "wiki"))
+    rows = [(ms, d) for ms, d in by_setting.items() if len(d) > 1]
+    if rows:
+        md += ["", "## Calibration robustness (salience AWQ)", "",
+               "Same model and setting calibrated on different text (128 x 512 tokens each), evaluated on "
+               "wiki-eval (the wiki text minus its last 10 % of articles, which form wiki-calib; in quick "
+               "mode its first 64 windows are the same as wiki's). Spread = (max - min) / min.", "",
+               "| model | setting | windows | " + " | ".join(["calibration: perplexity"]) + " | spread |",
+               "|---|---|---|---|---:|"]
+        for (model, setting, wtag), d in rows:
+            vals = [v for v, _ in d.values()]
+            cal = ", ".join(f"{c}: {v:.3f}" for c, (v, _) in d.items())
+            md.append(f"| {model} | {setting} | {wtag} | {cal} | {100 * (max(vals) - min(vals)) / min(vals):.2f}% |")
+    errors = [(k, c["error"]) for k, c in cells.items() if "error" in c]
+    md += ["", "## Tools that did not give a row", ""]
+    md += [f"- {name}: {why}." for name, why in NOT_RUN.items()]
+    md += [f"- `{k}`: {e}" for k, e in errors]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

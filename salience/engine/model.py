@@ -1,0 +1,408 @@
+"""One compact decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) and Gemma 3 text.
+
+Architectures are data: FAMILIES holds each model_type's quirks, `Config.from_hf` reads the rest from the
+checkpoint's config.json (through transformers' AutoConfig, which normalises old and new key names).
+One block, pre-norm, for all of them:
+
+    h = x + [post_attn_norm](attn(attn_norm(x)))           # gemma3: "sandwich" norms around attn and mlp
+    y = h + [post_mlp_norm](mlp(mlp_norm(h)))
+    attn: wqkv (fused q,k,v rows) -> [q/k RMSNorm per head] -> RoPE -> static KV cache -> SDPA -> wo
+    mlp:  w13 (fused gate,up rows) -> act(gate) * up -> w2
+
+4-bit linears: fused projections are built by concatenating the AWQ GEMM tensors of q,k,v (or gate,up)
+along the output dim: qweight [K, N/8], qzeros [G, N/8] and scales [G, N] all keep N last, and AWQ packs
+8 output columns per word, so concatenating words is concatenating columns (every N here is a multiple
+of 8). No re-quantization, bit-exact; the kernels' repack (salience.kernels.layout) then runs once on the
+fused tensors. Projections with different group sizes cannot be fused (never seen; refused clearly).
+
+KV cache: static [B, n_kv, S, head_dim] per layer; every row writes the same slot `input_pos`, prompts of
+different lengths are left-padded and row b ignores slots < start[b] (its RoPE position is slot - start).
+Decode (T = 1) has fixed shapes and no host syncs, so it can be captured in a CUDA graph (generate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import PackedInt4, int4_linear
+
+# model_type -> quirks that config.json does not spell out. Everything else (sizes, heads, head_dim,
+# eps, rope, sliding windows, biases: read from which tensors the checkpoint has) comes from the config.
+FAMILIES = {
+    "llama": dict(),  # also SmolLM / SmolLM2
+    "mistral": dict(),  # sliding_window (if set) applies to every layer
+    "qwen2": dict(),  # q,k,v biases (found in the weights)
+    "qwen3": dict(qk_norm=True),  # RMSNorm over head_dim on q and k before RoPE
+    "gemma3_text": dict(qk_norm=True, norm_offset=1.0, sandwich=True, embed_scale=True,
+                        act="gelu_tanh"),  # norms x * (1 + w); embeddings * sqrt(dim); local/global rope
+}
+ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class Unsupported(ValueError):
+    """The checkpoint needs something this decoder does not do; callers fall back to transformers."""
+
+
+@dataclass
+class Config:
+    model_type: str
+    vocab: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    ffn: int
+    eps: float
+    max_pos: int
+    act: str = "silu"
+    qk_norm: bool = False
+    norm_offset: float = 0.0  # gemma: weight stored as w, applied as 1 + w
+    sandwich: bool = False  # gemma3: post-attention and post-mlp norms
+    embed_scale: bool = False  # gemma: embeddings * sqrt(dim)
+    attn_scale: float = 0.0  # softmax scale (0: head_dim ** -0.5)
+    final_softcap: float | None = None
+    tie: bool = False
+    windows: list = field(default_factory=list)  # per layer: sliding window (None: global)
+    rope_keys: list = field(default_factory=list)  # per layer: key into ropes
+    ropes: dict = field(default_factory=dict)  # key -> dict(rope_type, rope_theta, factor, ...)
+
+    @classmethod
+    def from_hf(cls, hf) -> "Config":
+        """From a transformers PretrainedConfig (AutoConfig.from_pretrained(folder))."""
+        mt = hf.model_type
+        if mt not in FAMILIES:
+            raise Unsupported(f"model_type {mt!r} has no engine entry (engine: {', '.join(FAMILIES)})")
+        fam = dict(FAMILIES[mt])
+        if getattr(hf, "attn_logit_softcapping", None):
+            raise Unsupported("attention logit soft-capping (SDPA cannot apply it)")
+        n_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
+        act = fam.pop("act", None) or {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(
+            getattr(hf, "hidden_act", None) or getattr(hf, "hidden_activation", None))
+        if act is None:
+            raise Unsupported(f"activation {getattr(hf, 'hidden_act', None)!r}")
+        n = hf.num_hidden_layers
+        types = list(getattr(hf, "layer_types", None) or ["full_attention"] * n)
+        sw = getattr(hf, "sliding_window", None)
+        if mt == "mistral" and sw:
+            types = ["sliding_attention"] * n
+        windows = [sw if t == "sliding_attention" else None for t in types]
+        # one rope per layer type where the config has several (gemma3: local 10k, global 1M base)
+        per_type = _per_type_rope(hf) or getattr(hf, "rope_local_base_freq", None) is not None
+        ropes, keys = {}, []
+        for t in types:
+            key = t if per_type else "default"
+            if key not in ropes:
+                ropes[key] = _rope_params(hf, t if per_type else None)
+            keys.append(key)
+        qpas = getattr(hf, "query_pre_attn_scalar", None)
+        return cls(model_type=mt, vocab=hf.vocab_size, dim=hf.hidden_size, n_layers=n, n_heads=n_heads,
+                   n_kv=getattr(hf, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
+                   ffn=hf.intermediate_size, eps=hf.rms_norm_eps, max_pos=hf.max_position_embeddings,
+                   act=act, attn_scale=qpas ** -0.5 if qpas else head_dim ** -0.5,
+                   final_softcap=getattr(hf, "final_logit_softcapping", None),
+                   tie=bool(getattr(hf, "tie_word_embeddings", False)), windows=windows, rope_keys=keys,
+                   ropes=ropes, **fam)
+
+
+def _per_type_rope(hf) -> bool:
+    rp = getattr(hf, "rope_parameters", None)
+    return isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values())
+
+
+def _rope_params(hf, layer_type: str | None) -> dict:
+    """transformers >= 5: config.rope_parameters (per layer type for Gemma 3); 4.x: rope_theta + rope_scaling
+    (+ rope_local_base_freq for Gemma 3's sliding layers)."""
+    rp = getattr(hf, "rope_parameters", None)
+    if rp is None:
+        if layer_type == "sliding_attention" and getattr(hf, "rope_local_base_freq", None):
+            return {"rope_type": "default", "rope_theta": hf.rope_local_base_freq}
+        rp = dict(getattr(hf, "rope_scaling", None) or {})
+        rp.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        rp["rope_type"] = rp.get("rope_type", rp.get("type", "default"))
+    elif layer_type is not None:
+        rp = rp[layer_type]
+    rp = dict(rp)
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise Unsupported("partial rotary embeddings")
+    if rp.get("rope_type", "default") not in ("default", "linear", "llama3"):
+        raise Unsupported(f"rope_type {rp['rope_type']!r} (engine: default, linear, llama3)")
+    return rp
+
+
+def inv_freq(rp: dict, head_dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2] (fp32), as transformers computes them."""
+    f = 1.0 / (rp["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rp.get("rope_type", "default")
+    if kind == "linear":
+        f = f / rp["factor"]
+    elif kind == "llama3":  # Llama 3.1: long wavelengths slowed by `factor`, a smooth ramp in between
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old = rp["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / f
+        scaled = torch.where(wavelen > old / lo, f / factor, f)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        f = torch.where(medium, smoothed, scaled)
+    return f
+
+
+class RMSNorm(nn.Module):
+    """Holds a norm's weight; the math is `norm` below (so that it can be fused with its neighbours)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x):
+        return norm(x, self.weight, self.eps, self.offset)
+
+
+class Int4Linear(nn.Module):
+    """A 4-bit linear in the kernels' layout for one device (built from AWQ GEMM tensors, see PackedInt4).
+    Build it on its device: .to() does not move the packed weights."""
+
+    def __init__(self, p: PackedInt4, bias: torch.Tensor | None):
+        super().__init__()
+        self.p = p
+        self.in_features, self.out_features = p.k, p.n
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return int4_linear(x, self.p, self.bias)
+
+    def extra_repr(self):
+        return f"in={self.p.k}, out={self.p.n}, group_size={self.p.group_size}, layout={self.p.layout}"
+
+
+# ---- the elementwise math between the matmuls: pure functions. Eager, each is several kernels; in
+# decode on GPU they are compiled (torch.compile, one fused kernel each), since at batch 1 a 7B model's
+# step is ~1300 tiny kernels otherwise, and even replayed from a CUDA graph each costs ~2 us.
+
+def norm(x, w, eps: float, offset: float):
+    """RMSNorm. Llama: w * norm(x).to(dtype); Gemma (offset 1): (norm(x) * (1 + w)) in fp32, then dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + w.float())).to(x.dtype)
+    return w * xf.to(x.dtype)
+
+
+def residual(x, h, post_w, eps: float, offset: float):
+    """x + h, or x + norm(h) with gemma3's post-attention / post-mlp norm (post_w)."""
+    return x + (h if post_w is None else norm(h, post_w, eps, offset))
+
+
+def residual_norm(x, h, post_w, w, eps: float, offset: float):
+    """-> (x + [norm](h), norm(x + [norm](h))): the residual add and the next pre-norm in one pass."""
+    x = residual(x, h, post_w, eps, offset)
+    return x, norm(x, w, eps, offset)
+
+
+def rotate(x, cos, sin):
+    """RoPE in transformers' half-split convention. x [B, h, T, D], cos/sin [B, 1, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def qkv_rope(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float, offset: float):
+    """qkv [B, T, (H + 2 Hkv) D] -> q [B, H, T, D], k, v [B, Hkv, T, D]; q/k norms (qw, kw) then RoPE."""
+    b, t, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], -1)
+    q = q.view(b, t, n_heads, hd).transpose(1, 2)
+    k = k.view(b, t, n_kv, hd).transpose(1, 2)
+    v = v.view(b, t, n_kv, hd).transpose(1, 2)
+    if qw is not None:
+        q, k = norm(q, qw, eps, offset), norm(k, kw, eps, offset)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def act_mul(y, act: str):
+    """y [.., 2 F] (gate rows, then up rows) -> act(gate) * up [.., F]."""
+    gate, up = y.chunk(2, dim=-1)
+    return ACTS[act](gate) * up
+
+
+class Ops:
+    """The functions above, as called (eager) or compiled into one kernel each (decode on GPU)."""
+
+    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "act_mul")
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        for name in self.NAMES:
+            fn = globals()[name]
+            setattr(self, name, torch.compile(fn, fullgraph=True, dynamic=False) if compiled else fn)
+
+
+EAGER = Ops(False)
+_COMPILED = []
+
+
+def compiled_ops() -> Ops:
+    """One shared set of compiled ops (compilation happens at the first call, per input shapes)."""
+    if not _COMPILED:
+        cfg = torch._dynamo.config  # one entry per (batch size, model kind): more than the default 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        _COMPILED.append(Ops(True))
+    return _COMPILED[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config, window: int | None):
+        super().__init__()
+        self.c, self.window = c, window
+        self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv) * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
+        self.k_cache = self.v_cache = None
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops):
+        """x [B, T, dim] (normed); input_pos [T] cache slots; mask [B, 1, g*T, S] bool (g = query heads per
+        kv head, rows (head-in-group, token)) or None (causal from slot 0, no padding: flash path on the
+        fresh k, v); kv_len: slots to attend to (prefill) or None (the whole cache)."""
+        c = self.c
+        b, t, _ = x.shape
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
+        q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
+                               c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        g = c.n_heads // c.n_kv
+        if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
+            if g > 1:
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=c.attn_scale)
+        else:
+            kc, vc = (self.k_cache, self.v_cache) if kv_len is None else \
+                (self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len])
+            # GQA without copying the cache: the g query heads sharing a kv head become g*T query rows
+            qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
+            y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
+            y = y.reshape(b, c.n_heads, t, c.head_dim)  # SDPA may return a non-contiguous layout (CUDA)
+        return self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config, window: int | None):
+        super().__init__()
+        self.c = c
+        self.attn = Attention(c, window)
+        self.w13 = nn.Linear(c.dim, 2 * c.ffn, bias=False)  # gate rows, then up rows
+        self.w2 = nn.Linear(c.ffn, c.dim, bias=False)
+        self.attn_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
+        self.mlp_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
+        if c.sandwich:
+            self.post_attn_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
+            self.post_mlp_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
+
+    def forward(self, x, cos, sin, input_pos, mask, kv_len, ops: Ops):
+        c = self.c
+        eps, off = c.eps, c.norm_offset
+        pa, pm = (self.post_attn_norm.weight, self.post_mlp_norm.weight) if c.sandwich else (None, None)
+        h = self.attn(ops.norm(x, self.attn_norm.weight, eps, off), cos, sin, input_pos, mask, kv_len, ops)
+        x, hn = ops.residual_norm(x, h, pa, self.mlp_norm.weight, eps, off)
+        h = self.w2(ops.act_mul(self.w13(hn), c.act))
+        return ops.residual(x, h, pm, eps, off)
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.vocab, c.dim)
+        self.layers = nn.ModuleList(Block(c, w) for w in c.windows)
+        self.norm = RMSNorm(c.dim, c.eps, c.norm_offset)
+        self.output = nn.Linear(c.dim, c.vocab, bias=False)
+        for key, rp in c.ropes.items():
+            self.register_buffer(f"inv_freq_{key}", inv_freq(rp, c.head_dim), persistent=False)
+        self.batch = self.max_seq = 0
+        self.cache_version = 0  # bumped on every reallocation: CUDA graphs captured on older caches are stale
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) would round the RoPE frequencies too: recompute them in fp32 on the new device."""
+        super()._apply(fn, recurse)
+        for key, rp in self.c.ropes.items():
+            setattr(self, f"inv_freq_{key}", inv_freq(rp, self.c.head_dim).to(self.embed.weight.device))
+        return self
+
+    def setup_cache(self, batch: int, max_seq: int, dtype=None):
+        """Allocate (or reuse) the static KV cache [batch, n_kv, max_seq, head_dim] per layer."""
+        if (batch, max_seq) == (self.batch, self.max_seq):
+            return
+        c, dtype = self.c, dtype or self.embed.weight.dtype
+        for layer in self.layers:
+            a = layer.attn
+            a.k_cache = a.v_cache = None  # free the old one first
+        for layer in self.layers:
+            a = layer.attn
+            shape = (batch, c.n_kv, max_seq, c.head_dim)
+            a.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            a.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.batch, self.max_seq = batch, max_seq
+        self.cache_version += 1
+
+    def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False,
+                last: bool = False, ops: Ops = EAGER):
+        """idx [B, T] tokens written at cache slots input_pos [T] (consecutive). start [B]: first real slot
+        of each row (left padding; None: 0). kv_len: attend to slots < kv_len (prefill; None: the whole
+        cache, the fixed-shape decode). fresh: the prompt starts at slot 0 with no padding (plain causal
+        attention, skips the mask). last: logits of the last position only ([B, 1, vocab]; a 2048-token
+        prompt of 16 rows would otherwise make 8 GB of Llama-3 logits). ops: EAGER or Ops(compiled=True)
+        (decode on GPU; prefill stays eager: every prompt length would compile again). -> [B, T, vocab]."""
+        c = self.c
+        b, t = idx.shape
+        x = self.embed(idx)
+        if c.embed_scale:  # gemma multiplies in the weights' dtype (sqrt(640) is 25.25 in bf16)
+            x = x * torch.tensor(c.dim ** 0.5, dtype=x.dtype).item()  # a Python float: graph-safe
+        pos = input_pos[None, :].expand(b, t)
+        if start is not None:
+            pos = (pos - start[:, None]).clamp(min=0)  # padded slots get position 0, never attended
+        # cos/sin per rope kind (gemma3: local and global bases), fp32 as transformers, then x's dtype
+        rope = {}
+        for key in c.ropes:
+            f = pos[..., None].float() * getattr(self, f"inv_freq_{key}")  # [B, T, D/2]
+            emb = torch.cat((f, f), dim=-1)[:, None]  # [B, 1, T, D]
+            rope[key] = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        s = kv_len or self.max_seq
+        masks = {}
+        for w in set(c.windows):
+            if fresh and (w is None or t <= w):
+                masks[w] = None
+                continue
+            kpos = torch.arange(s, device=idx.device)  # [S] slots
+            m = kpos[None, :] <= input_pos[:, None]  # [T, S] causal
+            if w is not None:
+                m = m & (kpos[None, :] > input_pos[:, None] - w)  # transformers: k > q - window
+            m = m[None].expand(b, t, s)
+            if start is not None:
+                m = m & (kpos[None, None, :] >= start[:, None, None])
+                # a pad slot's query would see nothing (SDPA: NaN, and 0 * NaN poisons later layers'
+                # attention through its V): let it see itself
+                m = m | (kpos[None, None, :] == input_pos[None, :, None])
+            g = c.n_heads // c.n_kv  # GQA: rows for the g query heads of a kv head (see Attention)
+            masks[w] = m[:, None].repeat(1, 1, g, 1) if g > 1 else m[:, None]  # [B, 1, g*T, S]
+        for layer, key in zip(self.layers, c.rope_keys):
+            x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops)
+        if last:
+            x = x[:, -1:]
+        logits = self.output(ops.norm(x, self.norm.weight, c.eps, c.norm_offset))
+        if c.final_softcap:
+            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits

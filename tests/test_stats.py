@@ -1,0 +1,23 @@
+"""Calibration statistics stay finite and exact for fp16 activations whose X^T X exceeds fp16's range."""
+
+import torch
+
+from salience.quantize import _InputStats
+
+
+def test_fp16_gram_does_not_overflow():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 256, 8) * 100).half()  # X^T X diagonal ~ 1024 * 1e4 = 1e7 > 65504
+    lin = torch.nn.Linear(8, 3).half()
+    st = _InputStats()
+    h = lin.register_forward_pre_hook(st.hook("lin"))
+    with torch.no_grad():
+        for b in x:
+            st.new_pass()
+            lin(b)
+    h.remove()
+    x32 = x.float().reshape(-1, 8)
+    g = st.gram_of("lin")
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    torch.testing.assert_close(g, x32.t() @ x32, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(st.x_mean("lin"), x32.abs().mean(0), rtol=1e-4, atol=1e-3)
