@@ -267,7 +267,9 @@ def write_report(store: Store):
                     c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
                     if "quantize_seconds" in c:
                         any_ = True
-                        row.append(f"{c['quantize_seconds']:.0f} s / {c['max_rss_mb']} MiB")
+                        # early cells took ru_maxrss, which counts the orchestrator's peak before the fork
+                        rss = f"{c['max_rss_mb']} MiB" if c.get("rss_source") == "VmHWM" else "n/a"
+                        row.append(f"{c['quantize_seconds']:.0f} s / {rss}")
                     else:
                         row.append("failed" if "error" in c else "-")
                 if any_:

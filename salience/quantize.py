@@ -394,6 +394,17 @@ def fp32_names(model: nn.Module):
     return lambda name: pattern.search(name) is not None
 
 
+def _cast_floats(obj, dtype):
+    """Floating tensors inside (nested) tuples, lists and dicts cast to dtype; everything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -> nn.Module:
     """module.to(device, dtype), except floating tensors named by keep_fp32, which go to fp32."""
     module.to(device=device, dtype=dtype)
@@ -422,6 +433,9 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     calls = None
     if scfg is not None:
         x0, calls = capture_block_inputs(model, arch, rows, batch_size, device)
+        # the captured kwargs (rotary cos/sin, float masks) carry the loaded model's dtype: an fp32 model
+        # computed in bf16 would otherwise promote q/k to fp32 inside the block
+        calls = [[(_cast_floats(a, dtype), _cast_floats(kw, dtype)) for a, kw in c] for c in calls]
         # one activation buffer on the device, overwritten by each block's output
         x = x0.to(dtype) if x is None else x.to(device=device, dtype=dtype)
         del x0
