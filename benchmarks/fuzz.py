@@ -121,13 +121,19 @@ def read_all(folder: Path):
 
 class CheckpointFuzz:
     def __init__(self, root: Path):
+        from safetensors import safe_open
+        from safetensors.torch import save
+
         self.seed = make_checkpoint(root)
-        self.shard = min(self.seed.glob("model-*.safetensors"))
-        self.raw = self.shard.read_bytes()
+        tensors = {}  # every shard's tensors in one file: mutations reach blocks, embeddings and head alike
+        for k, (f, _) in tensor_shapes(self.seed).items():
+            with safe_open(f, "pt") as sf:
+                tensors[k] = sf.get_tensor(k)
+        self.raw = save(tensors, metadata={"format": "pt"})
         self.header, self.data = split(self.raw)
         self.work = Path(tempfile.mkdtemp(dir=root, prefix="case-"))
-        for f in self.seed.iterdir():  # config, tokenizer: copied once; the shard is rewritten per input
-            if f.name != self.shard.name and f.name != "model.safetensors.index.json":
+        for f in self.seed.iterdir():  # config, tokenizer: copied once; the weights are rewritten per input
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
                 (self.work / f.name).write_bytes(f.read_bytes())
         from salience.checkpoint import check_quant_config, read_config
         from salience.engine.model import Config

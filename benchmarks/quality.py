@@ -19,6 +19,7 @@ settings can be added run by run; `--redo` recomputes. Writes quality.md (the RE
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -55,6 +56,11 @@ NOT_RUN = {
     "AutoAWQ 0.2.9": "runs on this CPU only for Llama-type models, about 14 min for SmolLM2 with 16 rows "
                      "(minutes x 8 with our 128 rows), needs a source patch (.cpu() backup aliasing) to give "
                      "sane output, and refuses gemma3_text; not run in this table",
+    "GPTQModel 7.6.0": "installs from source here (BUILD_CUDA_EXT=0) and quantizes on the CPU "
+                       "(benchmarks/peers/gptqmodel_run.py, needs GPTQMODEL_CPU_WORKERS >= 2 and "
+                       "offload_to_disk=False), but took 673 s for SmolLM2 with only 4 calibration rows on "
+                       "this shared 2-core machine (its CPU extension compiles first); the 128-row runs did not "
+                       "fit the session. llm-compressor's GPTQModifier gives the GPTQ column instead",
 }
 
 
@@ -88,11 +94,16 @@ class Store:
         return self.data["cells"].get(key)
 
     def put(self, key, rec):
-        self.data["cells"][key] = rec
+        """Merge one cell into the file under a lock: several runs (other settings) may share it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.data["cells"] = json.loads(self.path.read_text())["cells"]  # others' cells too
+            self.data["cells"][key] = rec
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
 
 
 def run_tool(tool, peers: Path, folder: Path, rows_file: Path, bits, gs, out: Path, timeout: int) -> dict:
@@ -190,7 +201,9 @@ def run(a, store: Store):
             print(fkey, rec, flush=True)
         jobs = [(t, a.calib[0]) for t in a.tools] + [("salience", c) for c in a.calib[1:]]
         for tool, calib in jobs:
-            key = cell_key(model, bits, gs, tool, "-" if tool in ("rtn", "hqq") else calib)
+            # the table's protocol is 128 rows; other row counts (time comparisons) get their own cells
+            ctag = calib if a.rows == 128 else f"{calib}@{a.rows}"
+            key = cell_key(model, bits, gs, tool, "-" if tool in ("rtn", "hqq") else ctag)
             rec = store.get(key) or {}
             if not a.redo and (wtag in rec.get("ppl", {}) or "error" in rec):
                 continue
@@ -200,7 +213,7 @@ def run(a, store: Store):
             if not rows_file.exists():
                 save_file({"rows": calibration_rows(ev.tok, load_text(calib), a.rows, 512, seed=0)},
                           str(rows_file))
-            out = d / f"{tool}-{calib}-w{bits}g{gs}.safetensors"
+            out = d / f"{tool}-{ctag}-w{bits}g{gs}.safetensors"
             if not out.exists() or a.redo or not rec.get("quantize_seconds"):
                 res = run_tool(tool, peers, folder, rows_file, bits, gs, out, a.timeout)
                 if "error" in res:
@@ -267,12 +280,24 @@ def write_report(store: Store):
                     c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
                     if "quantize_seconds" in c:
                         any_ = True
-                        row.append(f"{c['quantize_seconds']:.0f} s / {c['max_rss_mb']} MiB")
+                        # early cells took ru_maxrss, which counts the orchestrator's peak before the fork
+                        rss = f"{c['max_rss_mb']} MiB" if c.get("rss_source") == "VmHWM" else "n/a"
+                        row.append(f"{c['quantize_seconds']:.0f} s / {rss}")
                     else:
                         row.append("failed" if "error" in c else "-")
                 if any_:
                     md.append(f"| {model} | INT{bits} g{gs} | " + " | ".join(row) + " |")
-    spread = [(k, c) for k, c in cells.items() if k.split("|")[2] == "salience"]
+    fewer = [(k, c) for k, c in cells.items() if "@" in k.split("|")[3] and "quantize_seconds" in c]
+    if fewer:
+        md += ["", "Same-run time comparisons with fewer calibration rows (the peers' CPU runs at 128 rows did "
+               "not fit the session):", "", "| model | setting | tool | rows | quantize time | peak RSS | perplexity |",
+               "|---|---|---|---:|---:|---:|---:|"]
+        for k, c in sorted(fewer):
+            model, setting, tool, ctag = k.split("|")
+            ppl = c.get("ppl", {}).get("64")
+            md.append(f"| {model} | {setting} | {LABELS[tool]} | {ctag.split('@')[1]} | {c['quantize_seconds']:.0f} s | "
+                      f"{c['max_rss_mb']} MiB | {'-' if ppl is None else f'{ppl:.3f}'} |")
+    spread = [(k, c) for k, c in cells.items() if k.split("|")[2] == "salience" and "@" not in k.split("|")[3]]
     by_setting = {}
     for k, c in spread:
         model, setting, _, calib = k.split("|")

@@ -116,17 +116,42 @@ def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return ((dw @ g) * dw).sum()
 
 
+def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: torch.Tensor,
+                      max_elems: int = 1 << 24) -> torch.Tensor:
+    """tr(dW G dW^T) for dW = Q(W*s)/s - W [N, K], over chunks of rows of at most max_elems weights, so that
+    the fp32 temporaries stay at ~64 MiB each (7B down_proj: 4096 x 11008); rows quantize independently.
+    A weight within one chunk takes the plain formula, bit for bit."""
+    n, k = w.shape
+    rows = max(1, max_elems // k)
+    if n <= rows:
+        return gram_loss(scaled_fake_quant(w, s, cfg) - w.float(), g)
+    return sum(gram_loss(scaled_fake_quant(w[r:r + rows], s, cfg) - w[r:r + rows].float(), g)
+               for r in range(0, n, rows))
+
+
+def diag_blocks(g: torch.Tensor, n_groups: int, s: torch.Tensor | None = None) -> torch.Tensor:
+    """The n_groups diagonal [gs, gs] blocks of g [K, K]: [G, gs, gs]. With s [K], those of the Gram of the
+    scaled input X / s, i.e. g_ij / (s_i s_j), without forming the scaled [K, K] matrix."""
+    k = g.shape[0]
+    gs = k // n_groups
+    idx = torch.arange(n_groups, device=g.device)
+    b = g.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]
+    if s is not None:
+        sg = s.reshape(n_groups, gs)
+        b = b / (sg[:, :, None] * sg[:, None, :])
+    return b
+
+
 def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: int = 20,
                 max_shrink: float = 0.5, row_chunk: int = 1024, asym: bool = False):
     """Per (row, group) range shrink. w [N, K] (already scaled), g = X^T X [K, K] of the linear's (scaled)
-    input. Symmetric (reference): [max(wmin, -m), min(wmax, m)], m = max|w| (1 - i/clip_grid).
+    input, or its diagonal blocks [G, gs, gs] (diag_blocks). Symmetric (reference): [max(wmin, -m), min(wmax, m)], m = max|w| (1 - i/clip_grid).
     asym: [wmin (1 - i/clip_grid), wmax (1 - j/clip_grid)] over all (i, j).
     Returns clip_min, clip_max [N, G] for compute_qparams."""
     n, k = w.shape
     ng = cfg.groups(k)
     gs = k // ng
-    idx = torch.arange(ng, device=g.device)
-    g_blocks = g.reshape(ng, gs, ng, gs)[idx, :, idx, :]  # [G, gs, gs] diagonal blocks
+    g_blocks = g if g.dim() == 3 else diag_blocks(g, ng)  # [G, gs, gs]
     clip_min = torch.empty(n, ng, device=w.device)
     clip_max = torch.empty(n, ng, device=w.device)
     for r0 in range(0, n, row_chunk):

@@ -3,14 +3,18 @@ quantization_config, tokenizer files, a JSON report). The layout of the packed t
 salience.packing.
 
 Writes are atomic: everything goes to `<out>.partial/` and is renamed to `<out>` once complete, so a
-folder named `<out>` is always a whole checkpoint.
+folder named `<out>` is always a whole checkpoint. Shards are written block by block with a manifest, so a
+killed run continues where it stopped (CheckpointWriter).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from .packing import pack_linear
 INDEX = "model.safetensors.index.json"
 REPORT = "salience_report.json"
 SEARCH = "salience_search.safetensors"
+RESUME = "salience_resume.json"  # only in an unfinished <out>.partial/
 ARCH = "salience_arch.json"  # the structure used (table entry or discovered); the loader reads it
 
 
@@ -109,36 +114,128 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 class CheckpointWriter:
-    """Streams tensors into shards of about max_shard_bytes, then writes index, config and tokenizer."""
+    """Writes `<out>.partial/` one shard at a time, then completes it and renames it to `<out>`.
 
-    def __init__(self, out: str | Path, max_shard_bytes: int = 2 << 30, overwrite: bool = False):
+    Shard 0 holds the non-block tensors, shard 1 + i decoder block i; n_shards is known up front, so each
+    is written once, atomically (temporary file + rename), under its final name model-0000j-of-0000n.
+    A manifest (salience_resume.json) records the finished shards, each block's report and search results,
+    and, for a resumable run, the next block's input activations (one file, replaced block by block).
+
+    run: what identifies this run (settings and hashes of the model and calibration data; JSON-able).
+    With run given, an unfinished `<out>.partial/` of the same run is continued: `blocks_done` blocks are
+    kept and `activations()` is the input of the next one. One of a different run is refused (restart=True
+    discards it). Without run, any leftover partial folder is discarded. The last block's write overlaps
+    the next block's compute (one writer thread, at most one write pending)."""
+
+    def __init__(self, out: str | Path, n_shards: int, run: dict | None = None, overwrite: bool = False,
+                 restart: bool = False):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out} exists; pass --overwrite to replace it")
         self.tmp = self.out.with_name(self.out.name + ".partial")
-        if self.tmp.exists():
+        self.n_shards, self.run = n_shards, run
+        self.manifest = {"format": 1, "run": run, "n_shards": n_shards, "rest": False, "blocks": [],
+                         "activations": None}
+        old = self._read_manifest()
+        if old is not None and run is not None and old.get("run") == run and old.get("n_shards") == n_shards:
+            self.manifest = old
+        elif old is not None and run is not None and old.get("run") is not None and not restart:
+            raise CheckpointError(_mismatch(self.tmp, old.get("run"), run))
+        elif self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []  # tensor names per written shard
-        self.search: dict[str, torch.Tensor] = {}
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self._pending = None
+        self._queued = self.blocks_done  # blocks handed to write_block (the writer thread may lag one)
 
-    def add(self, tensors: dict[str, torch.Tensor]):
-        for k, v in tensors.items():
-            self.pending[k] = v.detach().to("cpu").contiguous()
-            self.pending_bytes += v.numel() * v.element_size()
-        if self.pending_bytes >= self.max_shard_bytes:
-            self._flush()
+    def _read_manifest(self):
+        try:
+            return json.loads((self.tmp / RESUME).read_text())
+        except (OSError, ValueError):
+            return None
 
-    def _flush(self):
-        if not self.pending:
-            return
-        i = len(self.shards)
-        save_file(self.pending, self.tmp / f"shard-{i:05d}.safetensors", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    @property
+    def rest_done(self) -> bool:
+        return self.manifest["rest"]
+
+    @property
+    def blocks_done(self) -> int:
+        return len(self.manifest["blocks"])
+
+    @property
+    def reports(self) -> list[dict]:
+        return list(self.manifest["blocks"])
+
+    def activations(self) -> torch.Tensor | None:
+        """The input of block `blocks_done` saved by the interrupted run (None at block 0)."""
+        a = self.manifest["activations"]
+        if not self.blocks_done or a is None:
+            return None
+        dtype = getattr(torch, a["dtype"])
+        n = math.prod(a["shape"]) * torch.empty((), dtype=dtype).element_size()
+        raw = torch.from_file(str(self.tmp / a["file"]), size=n, dtype=torch.uint8)
+        return raw.view(dtype).reshape(a["shape"]).clone()
+
+    def shard_name(self, j: int) -> str:
+        return f"model-{j + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor]):
+        tmp = self.tmp / (name + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.tmp / name)
+
+    def _commit(self):
+        tmp = self.tmp / (RESUME + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1, default=str))
+        os.replace(tmp, self.tmp / RESUME)
+
+    def write_rest(self, entries: list[tuple]):
+        """Shard 0 from (name, dtype, shape, chunks) entries (save_streamed): embeddings and head go to
+        disk a slice at a time, never whole in host memory."""
+        tmp = self.tmp / (self.shard_name(0) + ".tmp")
+        save_streamed(tmp, entries, metadata={"format": "pt"})
+        os.replace(tmp, self.tmp / self.shard_name(0))
+        _test_stall("rest")
+        self.manifest["rest"] = True
+        self._commit()
+
+    def write_block(self, i: int, tensors: dict[str, torch.Tensor], search: dict[str, torch.Tensor],
+                    report: dict, x_next: torch.Tensor | None = None):
+        """Queue block i's shard, search results, report and (resumable runs) the next block's input;
+        the manifest says block i is done only once all of them are on disk."""
+        if i != self._queued:
+            raise CheckpointError(f"blocks must be written in order: got {i}, expected {self._queued}")
+        self._queued += 1
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        search = {k: v.detach().to("cpu").contiguous() for k, v in search.items()}
+        # a copy now: the caller overwrites x_next with the next block's output
+        x = x_next.detach().to("cpu", copy=True) if x_next is not None and self.run is not None else None
+        self.wait()
+        self._pending = self._pool.submit(self._write_block, i, tensors, search, report, x)
+
+    def _write_block(self, i, tensors, search, report, x):
+        self._save(self.shard_name(1 + i), tensors)
+        _test_stall(f"shard{i}")
+        if search:
+            self._save(f"resume-search-{i:05d}.safetensors", search)
+        old = self.manifest["activations"]
+        if x is not None:
+            name = f"resume-x-{i + 1:05d}.bin"
+            with open(self.tmp / (name + ".tmp"), "wb") as f:
+                x.contiguous().view(torch.uint8).numpy().tofile(f)
+            os.replace(self.tmp / (name + ".tmp"), self.tmp / name)
+            self.manifest["activations"] = {"file": name, "shape": list(x.shape),
+                                            "dtype": str(x.dtype).removeprefix("torch.")}
+        self.manifest["blocks"].append(report)
+        self._commit()
+        if old is not None and x is not None:
+            (self.tmp / old["file"]).unlink(missing_ok=True)
+        _test_stall(f"commit{i}")
+
+    def wait(self):
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            p.result()  # re-raises a failed write
 
     def abort(self):
         """Remove the partial folder (the run failed); `out` is left as it was."""
@@ -146,27 +243,56 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp)
 
     def close(self, config: dict, tokenizer=None, report: dict | None = None) -> Path:
-        self._flush()
-        n = len(self.shards)
+        self.wait()
+        self._pool.shutdown()
+        if not self.rest_done or self.blocks_done != self.n_shards - 1:
+            raise CheckpointError(f"{self.tmp}: closing with {self.blocks_done} of {self.n_shards - 1} blocks")
         weight_map, total = {}, 0
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
-            total += (self.tmp / final).stat().st_size
-            weight_map.update({k: final for k in names})
+        for j in range(self.n_shards):
+            name = self.shard_name(j)
+            total += (self.tmp / name).stat().st_size
+            with safe_open(self.tmp / name, "pt") as sf:
+                weight_map.update({k: name for k in sf.keys()})
         (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-        if self.search:
-            save_file(self.search, self.tmp / SEARCH)
+        search = {}
+        for f in sorted(self.tmp.glob("resume-search-*.safetensors")):
+            with safe_open(f, "pt") as sf:
+                search.update({k: sf.get_tensor(k) for k in sf.keys()})
+        if search:
+            save_file(search, self.tmp / SEARCH)
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp)
         if report is not None:
             (self.tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        for f in list(self.tmp.glob("resume-*")) + [self.tmp / RESUME]:
+            f.unlink(missing_ok=True)
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
         return self.out
+
+
+def _test_stall(point: str):
+    """Test hook for the kill -9 test: SALIENCE_TEST_STALL="commit1:/path/marker" makes the writer touch the
+    marker and hang when it reaches that point (rest: shard 0 written, no manifest yet; shard<i>: block i's
+    shard written, manifest not yet;
+    commit<i>: block i recorded as done)."""
+    spec = os.environ.get("SALIENCE_TEST_STALL")
+    if spec and spec.split(":", 1)[0] == point:
+        Path(spec.split(":", 1)[1]).touch()
+        time.sleep(3600)
+
+
+def _mismatch(tmp: Path, old: dict, new: dict) -> str:
+    def flat(d, p=""):
+        return {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict)
+                                                              else [(p + k, v)])}
+    a, b = flat(old or {}), flat(new)
+    diff = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return (f"{tmp} holds an unfinished run of different settings or inputs ({'; '.join(diff[:6])}). "
+            "Rerun the command that started it to continue it, or pass --restart to discard it.")
 
 
 def block_tensors(prefix: str, block: nn.Module, result, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -185,6 +311,43 @@ def block_tensors(prefix: str, block: nn.Module, result, dtype: torch.dtype) -> 
         else:
             out[f"{prefix}{name}"] = t.to(dtype) if t.is_floating_point() else t
     return out
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_streamed(path: str | Path, entries: list[tuple], metadata: dict | None = None):
+    """Write a safetensors file from (name, dtype, shape, chunks) entries: chunks() yields the tensor's
+    leading-dim slices in order, as CPU tensors of `dtype`, each written and dropped before the next
+    is made (safetensors.torch.save_file needs every tensor, and then a bytes copy of each, at once).
+    Layout: u64 header length, JSON header (dtype, shape, data_offsets; padded to 8 bytes), data."""
+    header = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for name, dtype, shape, _ in entries:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for name, dtype, shape, chunks in entries:
+            start = f.tell()
+            for c in chunks():
+                if c.dtype != dtype:
+                    raise TypeError(f"{name}: chunk of dtype {c.dtype}, header says {dtype}")
+                f.write(memoryview(c.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            a, b = header[name]["data_offsets"]
+            if f.tell() - start != b - a:
+                raise ValueError(f"{name}: wrote {f.tell() - start} bytes, header says {b - a}")
+
+
+def tensor_entries(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """save_streamed entries of tensors already in memory (one chunk each)."""
+    return [(k, v.dtype, tuple(v.shape), (lambda v=v: [v])) for k, v in tensors.items()]
 
 
 def rest_tensors(model: nn.Module, layers_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -252,6 +415,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device="c
     from .moe import unfuse
 
     path = Path(path)
+    if (path / RESUME).exists() or path.name.endswith(".partial"):
+        raise CheckpointError(f"{path} is an unfinished quantization run, not a checkpoint: rerun the "
+                              "quantize command that started it to finish it")
     config = read_config(path)
     group_size = check_quant_config(config, path)
     if group_size is None:

@@ -93,23 +93,31 @@ def cmd_quantize(a):
     out = Path(a.out) if a.out else _default_out(a.model, a.bits, a.group_size, a.method)
     t0 = time.time()
     rows = []
-    from .models import load_fp
-
-    m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
-                        trust_remote_code=a.trust_remote_code)
+    loaded = None
     arch = _load_arch(getattr(a, "arch", None))
+    if a.eval or a.allow_pickle or a.trust_remote_code:
+        from .models import load_fp
+
+        m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
+                            trust_remote_code=a.trust_remote_code)
+        loaded = (m, tok) if a.allow_pickle or a.trust_remote_code else None
     if a.eval:
         # The comparison table needs the full-precision and RTN models too: load once, copy.
         rows.append(("full precision", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows), a.device,
                                                desc="ppl fp")))
-        rtn = api.clone(m)
-        api.fake_quantize(rtn, qcfg, "rtn", device=a.device, dtype=a.dtype, arch=arch)
-        rows.append((f"RTN w{a.bits} g{a.group_size}", api.ppl(rtn, tok, a.data, a.seqlen, _windows(a.windows),
+        api.fake_quantize(m, qcfg, "rtn", device=a.device, dtype=a.dtype, arch=arch)
+        rows.append((f"RTN w{a.bits} g{a.group_size}", api.ppl(m, tok, a.data, a.seqlen, _windows(a.windows),
                                                                 a.device, desc="ppl rtn")))
-        del rtn
+        if loaded is None:
+            del m
+        else:  # the quantizer needs the full-precision weights again
+            m, tok, _ = load_fp(a.model, dtype=api.pick_dtype(a.dtype), allow_pickle=a.allow_pickle,
+                                trust_remote_code=a.trust_remote_code)
+            loaded = (m, tok)
+    # Local safetensors folders are read one block at a time, and the run resumes after a crash.
     path, _, tok = api.quantize(a.model, out, qcfg, a.method, a.calib, a.calib_rows, a.seqlen,
                                 scfg=_search_config(a), device=a.device, dtype=a.dtype, overwrite=a.overwrite,
-                                loaded=(m, tok), arch=arch)
+                                loaded=loaded, restart=a.restart, arch=arch)
     print(f"\n4-bit checkpoint written to {path.resolve()}")
     if a.eval or a.prompt:
         qm, qtok = api.load_any(str(path), dtype=a.dtype)
@@ -303,6 +311,8 @@ def build_parser():
     q.add_argument("--prompt", help="print a greedy generation from the written checkpoint")
     q.add_argument("--max-new-tokens", type=int, default=40)
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--restart", action="store_true", help="discard an unfinished run in <out>.partial/ "
+                   "instead of continuing it (a rerun of the same command continues it by default)")
     q.add_argument("--arch", help="architecture entry saved by `salience discover --json` (for a model_type "
                    "the built-in table lacks)")
     q.set_defaults(func=cmd_quantize)
@@ -328,6 +338,7 @@ def build_parser():
     _add_run_args(d)
     _add_eval_args(d)
     d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--restart", action="store_true", help=argparse.SUPPRESS)
     # 64 x 512 calibration tokens: the paper's 16 x 2048 token count, and the demo stays within minutes
     d.set_defaults(func=cmd_demo, calib_rows=64)
 

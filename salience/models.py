@@ -69,6 +69,9 @@ def resolve(model: str | None) -> tuple[Path | str, str | None]:
                 raise ModelError(f"{p}: not a GGUF file (bad magic bytes)")
         return p.parent, p.name
     if p.is_dir():
+        if (p / "salience_resume.json").exists() or p.name.endswith(".partial"):
+            raise ModelError(f"{p} is an unfinished quantization run, not a checkpoint: rerun the quantize "
+                             "command that started it to finish it")
         if not (p / "config.json").exists():
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import awq, moe
 from .arch import Arch, ScaleGroup, get_module
+from .lazy import InMemoryBlocks
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
 
 
@@ -67,7 +68,7 @@ def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch
 
     Returns x [n_rows, seqlen, hidden] (block 0's input, on `device`) and per block a list over batches of
     (args, kwargs) to call that block with. Embeddings and the final norm run on `device`; the blocks never
-    run here, so this costs one embedding lookup."""
+    run here (they may be on the meta device), so this costs one embedding lookup."""
     layers = get_module(model, arch.layers)
     orig = list(layers)
     calls = [[] for _ in orig]
@@ -79,9 +80,9 @@ def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch
         for r0 in range(0, rows.shape[0], batch_size):
             base(input_ids=rows[r0:r0 + batch_size].to(device), use_cache=False)
     finally:
+        base.to("cpu")  # before the blocks come back: they stay where they are
         for i, layer in enumerate(orig):
             layers[i] = layer
-        base.to("cpu")
     x = torch.cat([c[0] for c in calls[0]], dim=0)
     per_block = [[(a, kw) for _, a, kw in c] for c in calls]
     return x, per_block
@@ -92,6 +93,8 @@ def capture_block_inputs(model: nn.Module, arch: Arch, rows: torch.Tensor, batch
 class _InputStats:
     """Accumulates, for every distinct input tensor of the block's linears, sum |x| and X^T X (fp32).
     Linears reading the same tensor in a forward pass (q, k, v) share the entry of the first reader."""
+
+    gram_block = 4096  # columns of X^T X computed at a time for wider inputs
 
     def __init__(self):
         self.key_of: dict[str, str] = {}  # linear -> first linear that read the same tensor
@@ -113,16 +116,20 @@ class _InputStats:
             if not torch.isfinite(x2).all():
                 raise NonFiniteActivation(f"non-finite (NaN/inf) activations at the input of {name}")
             a = x2.abs().float().sum(dim=0)
+            k = x2.shape[1]
+            if name not in self.abs_sum:
+                self.abs_sum[name], self.count[name] = torch.zeros_like(a), 0
+                self.gram[name] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
+            self.abs_sum[name] += a
+            self.count[name] += x2.shape[0]
             # X^T X sums up to n_tokens * max|x|^2: fp16 overflows (65504) long before fp32/bf16 would,
             # so fp16 activations are upcast; bf16 keeps its fast matmul (same exponent range as fp32).
+            # Accumulated in fp32 across batches; wide inputs (7B down_proj: 11008) by column blocks, so
+            # that the product and its fp32 copy stay K x 4096.
             xg = x2.float() if x2.dtype == torch.float16 else x2
-            g = (xg.t() @ xg).float()  # accumulated in fp32 across batches
-            if name in self.abs_sum:
-                self.abs_sum[name] += a
-                self.gram[name] += g
-                self.count[name] += x2.shape[0]
-            else:
-                self.abs_sum[name], self.gram[name], self.count[name] = a, g, x2.shape[0]
+            step = k if k <= self.gram_block else self.gram_block
+            for j in range(0, k, step):
+                self.gram[name][:, j:j + step] += (xg.t() @ xg[:, j:j + step]).float()
         return fn
 
     def new_pass(self):
@@ -234,12 +241,15 @@ def _group_applies(block, g: ScaleGroup) -> bool:
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
-                   scfg: awq.SearchConfig | None, batch_size: int):
+                   scfg: awq.SearchConfig | None, batch_size: int, out: torch.Tensor | None = None):
     """Quantize one block in place (weights become their dequantized values) and return
     (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
 
-    scfg None = round-to-nearest (no search). x and the block must be on the same device."""
+    scfg None = round-to-nearest (no search). x and the block must be on the same device. `out` (may be x
+    itself: each batch's output overwrites its input once computed) receives the output instead of a new
+    tensor, so one activation buffer serves the whole model. The integer results stay on the device."""
     t0 = time.time()
+    phases = {}
     lins = quantizable_linears(block, arch)
     groups = block_groups(block, arch)
     for name, lin in lins.items():
@@ -256,6 +266,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             h = args[0] if args else kwargs["hidden_states"]
             if saved_rows.get(name, 0) < n_search_rows:
                 saved_rows[name] = saved_rows.get(name, 0) + h.shape[0]
+                if out is not None and h.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                    h = h.clone()  # a view of `out`, which is overwritten batch by batch
+                    args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
                 saved_calls[name].append((args, kwargs))
         return fn
 
@@ -269,11 +282,16 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         for b, (args, kwargs) in enumerate(calls):
             stats.new_pass()
             xb = x[b * batch_size:(b + 1) * batch_size]
-            outs.append(_call(block, (xb, *args), kwargs))
+            yb = _call(block, (xb, *args), kwargs)
+            if out is None:
+                outs.append(yb)
+            else:
+                out[b * batch_size:(b + 1) * batch_size] = yb
     stats.new_pass()
-    y = torch.cat(outs, dim=0) if outs else None
+    y = out if out is not None and calls else (torch.cat(outs, dim=0) if outs else None)
     if y is not None and not torch.isfinite(y).all():
         raise NonFiniteActivation(f"non-finite (NaN/inf) output of block {index}")
+    phases["forward"] = time.time() - t0
 
     search: dict[str, torch.Tensor] = {}
     report: dict = {"groups": {}, "skipped_groups": []}
@@ -302,16 +320,17 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             report["groups"][key] = {"formula": alpha[0], "alpha": alpha[1], "loss": float(losses.min()),
                                      "loss_alpha0": float(losses[0])}
 
+    phases["scale_search"] = time.time() - t0 - sum(phases.values())
     linears: dict[str, LinearResult] = {}
     for name, lin in lins.items():
         w = lin.weight
         clip_min = clip_max = None
         if scfg is not None and scfg.clip_grid > 0 and name not in arch.no_clip and stats.has(name):
-            g = stats.gram_of(name)
-            if name in in_scale:
-                s = in_scale[name]
-                g = g / (s[:, None] * s[None, :])  # Gram of the scaled input X / s
-            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink,
+            # only the diagonal blocks matter; with the folded scale s those of the Gram of X / s
+            g = awq.diag_blocks(stats.gram_of(name), qcfg.groups(w.shape[1]), in_scale.get(name))
+            # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
+            chunk = max(1024, (1 << 24) // w.shape[1]) if w.is_cuda else 1024
+            clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
                                                  asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         scales, zeros = compute_qparams(w, qcfg, clip_min, clip_max)
@@ -319,8 +338,10 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         codes, scales, zeros = quantize(w, qcfg, scales, zeros)
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
         w.copy_(dequantize(codes, scales, zeros, qcfg, dtype=w.dtype))
-        linears[name] = LinearResult(codes.cpu(), scales.cpu(), zeros.cpu())
+        linears[name] = LinearResult(codes, scales, zeros)
+    phases["clip_quantize"] = time.time() - t0 - sum(phases.values())
     report["seconds"] = round(time.time() - t0, 3)
+    report["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return BlockResult(index, linears, search, report), y
 
 
@@ -339,8 +360,7 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
         grams = [stats.gram_of(n) if stats.has(n) else None for n in g.linears]
 
         def loss_fn(s):
-            return sum(awq.gram_loss(awq.scaled_fake_quant(w, s, qcfg) - w.float(), gm)
-                       for w, gm in zip(orig, grams) if gm is not None)
+            return sum(awq.scaled_gram_error(w, s, qcfg, gm) for w, gm in zip(orig, grams) if gm is not None)
     else:  # non-linear module: output MSE on the saved calls
         mod = get_module(block, g.inspect)
         calls = saved_calls[g.inspect]
@@ -374,6 +394,17 @@ def fp32_names(model: nn.Module):
     return lambda name: pattern.search(name) is not None
 
 
+def _cast_floats(obj, dtype):
+    """Floating tensors inside (nested) tuples, lists and dicts cast to dtype; everything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -> nn.Module:
     """module.to(device, dtype), except floating tensors named by keep_fp32, which go to fp32."""
     module.to(device=device, dtype=dtype)
@@ -386,32 +417,46 @@ def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -
 @torch.no_grad()
 def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
                    scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
-                   on_block=None, progress: bool = True):
-    """Quantize every decoder block of `model` (on the CPU) in place, one block on `device` at a time.
+                   on_block=None, progress: bool = True, blocks=None, start: int = 0,
+                   x: torch.Tensor | None = None):
+    """Quantize every decoder block of `model`, one block on `device` at a time.
 
-    rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). on_block(BlockResult,
-    block) is called as each block finishes (the checkpoint writer streams it to disk).
-    Returns the list of block reports."""
-    layers = get_module(model, arch.layers)
+    rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). blocks: where the
+    blocks come from (salience.lazy.InMemoryBlocks(model) by default: quantized in place on the CPU;
+    LazyBlocks: read from the shards, freed after). on_block(BlockResult, block, x_next) is called as each
+    block finishes (the checkpoint writer streams it to disk); x_next [n, seqlen, hidden] is the next
+    block's input, valid only during the call. Resuming: start = first block to do, x = its input.
+    Returns the list of block reports (of blocks start..)."""
+    blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
-    x, calls = (None, None)
+    keep_fp32 = fp32_names(model)
+    calls = None
     if scfg is not None:
-        x, calls = capture_block_inputs(model, arch, rows, batch_size, device)
-        x = x.to(dtype)
+        x0, calls = capture_block_inputs(model, arch, rows, batch_size, device)
+        # the captured kwargs (rotary cos/sin, float masks) carry the loaded model's dtype: an fp32 model
+        # computed in bf16 would otherwise promote q/k to fp32 inside the block
+        calls = [[(_cast_floats(a, dtype), _cast_floats(kw, dtype)) for a, kw in c] for c in calls]
+        # one activation buffer on the device, overwritten by each block's output
+        x = x0.to(dtype) if x is None else x.to(device=device, dtype=dtype)
+        del x0
+        blocks.drop_base()  # lazy: the embeddings are not needed again
     reports = []
-    bar = tqdm(range(len(layers)), desc="AWQ" if scfg else "RTN", unit="block", disable=not progress)
+    # one tick per block; the ETA counts only this run's blocks (a resumed run starts at `start`)
+    bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
+               initial=start, disable=not progress)
     for i in bar:
-        moe.unfuse(layers[i], arch)  # fused experts -> per-expert linears (no-op for dense blocks)
-        block = to_compute(layers[i], device, dtype, fp32_names(model))  # the router stays fp32 if asked
+        block = blocks.load(i)  # on the host (lazy: read from the shards)
+        moe.unfuse(block, arch)  # fused experts -> per-expert linears (no-op for dense blocks)
+        block = to_compute(block, device, dtype, keep_fp32)  # the router stays fp32 if asked
         try:
-            res, y = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size)
+            res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x)
         except NonFiniteActivation as e:
             raise NonFiniteActivation(f"block {i}: {e}") from None
         if on_block is not None:
-            on_block(res, block)
-        layers[i] = block.to("cpu")
-        if scfg is not None:
-            x = y.to(dtype)
+            on_block(res, block, x)
+        blocks.release(i, block)
         reports.append(res.report)
         bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")
+        del res, block  # the integer results live on the device: free them before the next block
+    blocks.close()
     return reports

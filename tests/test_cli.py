@@ -120,7 +120,7 @@ def test_nonfinite_names_the_tensor_or_layer(folder, text, tmp_path, capsys, val
         assert "block 1" in err
     else:
         assert "model.safetensors" in err
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (tmp_path / "o").exists()  # o.partial may stay: the resume state of the run
 
 
 def test_missing_calibration_file(folder, tmp_path, capsys):

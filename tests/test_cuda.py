@@ -51,3 +51,40 @@ def _dequantized_fp32(model):
             mod.forward = (lambda m: lambda x: torch.nn.functional.linear(
                 x, m.dequantized_weight(x.dtype), None if m.bias is None else m.bias.to(x.dtype)))(mod)
     return model.float()
+
+
+def test_lazy_and_resume_on_cuda(tmp_path):
+    """On the GPU too: the lazy path writes the in-memory path's bytes, and a run killed after block 1 and
+    rerun writes the uninterrupted run's bytes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_scale import _folder, _same_checkpoint, _tensors
+    from salience.models import load_fp
+
+    folder, text = _folder(tmp_path, layers=4)
+    kw = dict(calib=str(text), n_rows=8, seqlen=32, device="cuda", dtype="bfloat16", progress=False)
+    lazy, _, _ = api.quantize(str(folder), tmp_path / "lazy", QuantConfig(4, 32), **kw)
+    mem, _, _ = api.quantize(None, tmp_path / "mem", QuantConfig(4, 32),
+                             loaded=load_fp(str(folder), dtype=torch.bfloat16)[:2], **kw)
+    a, b = _tensors(lazy), _tensors(mem)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "salience.cli", "quantize", "--model", str(folder), "--group-size", "32",
+           "--calib", str(text), "--calib-rows", "8", "--seqlen", "32", "--device", "cuda"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    assert subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=env).returncode == 0
+    marker = tmp_path / "stalled"
+    p = subprocess.Popen(cmd + ["--out", str(tmp_path / "out")],
+                         env={**env, "SALIENCE_TEST_STALL": f"commit1:{marker}"})
+    while not marker.exists():
+        assert p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert subprocess.run(cmd + ["--out", str(tmp_path / "out")], env=env).returncode == 0
+    _same_checkpoint(tmp_path / "out", tmp_path / "ref")

@@ -21,3 +21,18 @@ def test_fp16_gram_does_not_overflow():
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
     torch.testing.assert_close(g, x32.t() @ x32, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(st.x_mean("lin"), x32.abs().mean(0), rtol=1e-4, atol=1e-3)
+
+
+def test_fp32_model_computed_in_bf16_with_output_loss():
+    """Captured rotary tables of an fp32 model are cast to the compute dtype (the reference output loss
+    runs the attention module and used to meet fp32 cos/sin with bf16 activations)."""
+    from salience import api
+    from salience.awq import SearchConfig
+    from salience.quant import QuantConfig
+    from tiny import tiny_model
+
+    m = tiny_model("llama", dtype=torch.float32)
+    rows = torch.randint(0, 300, (4, 32))
+    reports = api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(loss="output"), device="cpu",
+                                dtype=torch.bfloat16, progress=False)
+    assert len(reports) == 2 and all(torch.isfinite(p).all() for p in m.parameters())

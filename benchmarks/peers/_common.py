@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
@@ -50,9 +49,19 @@ def save(model, path):
     save_file(sd, path)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space made at exec; getrusage's
+    ru_maxrss would also count the parent's peak before the fork (Linux keeps it across execve)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def report(t_quant: float, **kw):
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    print(json.dumps({"quantize_seconds": round(t_quant, 1), "max_rss_mb": round(rss), **kw}), flush=True)
+    print(json.dumps({"quantize_seconds": round(t_quant, 1), "max_rss_mb": round(peak_rss_mb()),
+                      "rss_source": "VmHWM", **kw}), flush=True)
 
 
 class Timer:
