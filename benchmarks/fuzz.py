@@ -7,6 +7,7 @@ Targets (each input must give a result or one of the errors we mean to raise; an
               dropped and duplicated tensors, data resized to match) -> the engine's full model build and
               one forward pass
     hf        the same inputs -> load_quantized (the transformers model with QuantLinear) and a forward
+    lazy      a full-precision folder's weights, mutated alike -> quantize (RTN) through the lazy reader
     request   request bodies: random bytes, JSON from a grammar of the API's keys and odd values, and valid
               bodies with one field replaced -> parse_request, then prepare (tokenizer, context checks) on a
               tiny engine. Allowed: RequestError with a 4xx status.
@@ -46,8 +47,8 @@ from salience.models import ModelError  # noqa: E402
 
 ALLOWED = (CheckpointError, ModelError, Unsupported)
 # Crashes earlier runs found, and their fixes (this run's crashes are listed below it in fuzz.md). The
-# first full run (170k inputs) had 95 crashing inputs of 10000 in `hf` (the last three below) and none
-# elsewhere; the first short runs found the first.
+# first full run (170k inputs) had 95 crashing inputs of 10000 in `hf` (the second to fourth below) and
+# none elsewhere; the first short runs found the first; the first short run of `lazy` the last.
 FIXED = [
     "build: a qweight stored as U32 (or any non-int32 dtype) reached the int4 unpacking and failed there "
     "(RuntimeError: promotion for uint32) -> the engine's loader and load_quantized check AWQ tensor dtypes "
@@ -58,6 +59,9 @@ FIXED = [
     "hf: a 1-d `.qweight` -> ValueError unpacking its shape -> CheckpointError with the shape",
     "hf: an integer tensor where the model has a floating one (an I16 norm or embedding) -> RuntimeError in "
     "the matmul -> load_quantized and the engine's builder check floating dtypes, naming the tensor",
+    "lazy (not a crash, worse): a full-precision folder missing a tensor, or with one renamed, fell back from "
+    "the lazy reader to transformers' from_pretrained, which filled the weight with random values and went "
+    "on ('ok') -> load_fp refuses missing weights, naming them",
 ]
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16",
           "U32", "U64", "XX", ""]
@@ -87,13 +91,16 @@ class Crashes:
 
 # ---- checkpoint targets
 
-def make_checkpoint(root: Path) -> Path:
-    """A tiny RTN w4 g32 Llama checkpoint (one shard)."""
+def make_checkpoint(root: Path, kind: str = "w4") -> Path:
+    """A tiny RTN w4 g32 Llama checkpoint, or (kind "fp") the full-precision folder it comes from."""
     from salience import api
     from salience.quant import QuantConfig
     from tiny import tiny_model, tiny_tokenizer
 
-    out = root / "seed"
+    out = root / f"seed-{kind}"
+    if kind == "fp" and not out.exists():
+        tiny_model("llama").save_pretrained(out)
+        tiny_tokenizer().save_pretrained(out)
     if not out.exists():
         api.quantize(None, out, QuantConfig(4, 32), "rtn", loaded=(tiny_model("llama"), tiny_tokenizer()),
                      progress=False, device="cpu", dtype="float32")
@@ -120,11 +127,12 @@ def read_all(folder: Path):
 
 
 class CheckpointFuzz:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, kind: str = "w4"):
         from safetensors import safe_open
         from safetensors.torch import save
 
-        self.seed = make_checkpoint(root)
+        self.root, self.kind = root, kind
+        self.seed = make_checkpoint(root, kind)
         tensors = {}  # every shard's tensors in one file: mutations reach blocks, embeddings and head alike
         for k, (f, _) in tensor_shapes(self.seed).items():
             with safe_open(f, "pt") as sf:
@@ -140,6 +148,15 @@ class CheckpointFuzz:
 
         hf = read_config(self.seed)
         self.config, self.group_size = Config.from_hf(hf), check_quant_config(hf, self.seed)
+
+    def run_lazy(self, raw: bytes):
+        """Quantize the mutated full-precision folder (RTN): main's lazy reader, block by block."""
+        from salience import api
+        from salience.quant import QuantConfig
+
+        self.write(raw)
+        api.quantize(str(self.work), self.root / "out", QuantConfig(4, 32), "rtn", progress=False, device="cpu",
+                     dtype="float32", overwrite=True, restart=True)
 
     def write(self, raw: bytes):
         (self.work / "model.safetensors").write_bytes(raw)
@@ -359,10 +376,11 @@ def fuzz(target: str, fn, strategy, n: int, crashes: Crashes, allowed=ALLOWED, s
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--examples", type=int, nargs=4, default=[40000, 60000, 10000, 60000],
-                   metavar=("HEADER", "BUILD", "HF", "REQ"),
-                   help="inputs per target: header, build, hf, request (default 40000 60000 10000 60000)")
-    p.add_argument("--targets", nargs="+", default=["header", "build", "hf", "request"])
+    p.add_argument("--examples", type=int, nargs=5, default=[40000, 60000, 10000, 5000, 60000],
+                   metavar=("HEADER", "BUILD", "HF", "LAZY", "REQ"),
+                   help="inputs per target: header, build, hf, lazy, request (default 40000 60000 10000 5000 "
+                   "60000)")
+    p.add_argument("--targets", nargs="+", default=["header", "build", "hf", "lazy", "request"])
     p.add_argument("--seconds", type=float, default=None, help="time cap per target")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fuzz"))
     a = p.parse_args(argv)
@@ -371,7 +389,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         ck = CheckpointFuzz(Path(tmp)) if {"header", "build", "hf"} & set(a.targets) else None
-        for target, n in zip(["header", "build", "hf", "request"], a.examples):
+        for target, n in zip(["header", "build", "hf", "lazy", "request"], a.examples):
             if target not in a.targets:
                 continue
             if target == "header":
@@ -379,6 +397,13 @@ def main(argv=None):
             elif target == "build":
                 done, sec = fuzz(target, ck.run_build, ck.header_mutation() | ck.byte_mutation(), n, crashes,
                                  seconds=a.seconds)
+            elif target == "lazy":
+                from salience.data import DataError
+                from salience.quant import GroupSizeError
+
+                lz = CheckpointFuzz(Path(tmp), "fp")
+                done, sec = fuzz(target, lz.run_lazy, lz.header_mutation() | lz.byte_mutation(), n, crashes,
+                                 allowed=ALLOWED + (DataError, GroupSizeError), seconds=a.seconds)
             elif target == "hf":
                 done, sec = fuzz(target, ck.run_hf, ck.header_mutation() | ck.byte_mutation(), n, crashes,
                                  seconds=a.seconds)

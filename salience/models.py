@@ -199,14 +199,18 @@ def load_fp(model: str | None, dtype=None, allow_pickle: bool = False, trust_rem
         shapes = tensor_shapes(src)
         check_shapes(src, shapes, auto, config)
     try:
-        m = auto.from_pretrained(src, dtype=dtype or torch.float32, use_safetensors=not allow_pickle,
-                                 trust_remote_code=trust_remote_code)
+        m, info = auto.from_pretrained(src, dtype=dtype or torch.float32, use_safetensors=not allow_pickle,
+                                       trust_remote_code=trust_remote_code, output_loading_info=True)
     except OSError as e:
         raise ModelError(f"could not load {src}: {e}") from None
     except RuntimeError as e:  # transformers' size-mismatch report: its first line names the tensor
         if "mismatch" not in str(e).lower() and "size" not in str(e).lower():
             raise
         raise ModelError(f"{src}: weights disagree with config.json ({str(e).splitlines()[0][:300]})") from None
+    # transformers fills weights missing from the files with random values and goes on: refuse instead
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{src}: {len(missing)} weight(s) the model needs are not in its files, e.g. {missing[:3]}")
     for k, v in m.state_dict().items():
         check_finite(k, v, shapes.get(k, (src,))[0])
     return m.eval(), tok, src

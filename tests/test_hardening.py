@@ -248,3 +248,18 @@ def test_cli_reports_one_line(good, tmp_path, capsys):
     assert main(["generate", str(d), "--prompt", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("salience: error: ") and str(f) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["fp", "w4"])
+def test_missing_tensor(good, tmp_path, kind):
+    """transformers would fill a missing weight with random values and go on; every loader refuses."""
+    k = "model.layers.1.mlp.up_proj." + ("weight" if kind == "fp" else "qweight")
+    d, f = _copy(good, kind, tmp_path, k)
+    t = load_file(f)
+    del t[k]
+    save_file(t, f, metadata={"format": "pt"})
+    _all_fail(kind, d, "model.layers.1.mlp.up_proj")
+    if kind == "fp":
+        with pytest.raises(ERRORS, match="up_proj"):
+            api.quantize(str(d), tmp_path / "out", QuantConfig(4, 32), "rtn", progress=False, device="cpu",
+                         dtype="float32")
