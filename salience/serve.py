@@ -176,7 +176,8 @@ def parse_request(kind: str, raw: bytes, models: set[str]) -> Request:
             raise RequestError("'messages' is required and must be a non-empty list", param="messages",
                                code="invalid_type")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                    or "content" not in m:
                 raise RequestError(f"messages[{i}] must be an object with 'role' ({', '.join(sorted(ROLES))}) "
                                    "and 'content'", param=f"messages[{i}]", code="invalid_value")
             extra = sorted(set(m) - {"role", "content", "name"})

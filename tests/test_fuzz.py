@@ -1,6 +1,6 @@
 """A short run of benchmarks/fuzz.py's targets (the long one: `python benchmarks/fuzz.py`, 100k+ inputs):
-mutated checkpoints through the engine's reader and builder and load_quantized, and request bodies through
-the server's parser. Every input gives a result or the error we mean to raise."""
+mutated checkpoints through the engine's reader and builder, load_quantized and the lazy quantizer, and
+request bodies through the server's parser. Every input gives a result or the error we mean to raise."""
 
 import importlib.util
 from pathlib import Path
@@ -15,6 +15,11 @@ spec.loader.exec_module(fuzz)
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory):
     return fuzz.CheckpointFuzz(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def fp(tmp_path_factory):
+    return fuzz.CheckpointFuzz(tmp_path_factory.mktemp("fuzz-fp"), "fp")
 
 
 def _no_crashes(c: "fuzz.Crashes"):
@@ -34,6 +39,16 @@ def test_fuzz_checkpoint_reader(ck, target, n):
     strategy = ck.byte_mutation() if target == "header" else ck.header_mutation() | ck.byte_mutation()
     done, _ = fuzz.fuzz(target, fn, strategy, n, c)
     assert done == n
+    _no_crashes(c)
+
+
+def test_fuzz_lazy_quantize(fp):
+    from salience.data import DataError
+    from salience.quant import GroupSizeError
+
+    c = fuzz.Crashes()
+    fuzz.fuzz("lazy", fp.run_lazy, fp.header_mutation() | fp.byte_mutation(), 100, c,
+              allowed=fuzz.ALLOWED + (DataError, GroupSizeError))
     _no_crashes(c)
 
 

@@ -261,6 +261,9 @@ def test_parse_request_rejects_numbers_out_of_range():
         with pytest.raises(RequestError) as e:
             parse_request("completion", raw, {"m"})
         assert e.value.status == 400
+    # found by benchmarks/fuzz.py: an unhashable role was looked up in a set (TypeError, a 500)
+    with pytest.raises(RequestError, match="role"):
+        parse_request("chat", b'{"model": "m", "messages": [{"role": [1], "content": "x"}]}', {"m"})
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
