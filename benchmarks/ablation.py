@@ -29,6 +29,8 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "+ both formulas (x, duo)": SearchConfig(formula="both", clip_asym=False),
     "+ asymmetric clip (the default since the first ablation)": SearchConfig(clip_asym=True),
     "all three": SearchConfig(alpha_one=True, formula="both", clip_asym=True),
+    "default + finer alpha grid (refine 2)": SearchConfig(refine=2),
+    "default + quantized outputs propagated": SearchConfig(propagate=True),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,6 +42,7 @@ def main():
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--only", nargs="*", help="variant names to run")
+    ap.add_argument("--tag", help="suffix of the result files (a partial run keeps the full table)")
     a = ap.parse_args()
     m, tok, _ = load_fp(a.model, dtype=torch.bfloat16)
     qcfg = QuantConfig(4, a.group_size)
@@ -69,7 +72,7 @@ def main():
         closed = (out["rtn"] - r["ppl"]) / (out["rtn"] - out["fp"])
         md.append(f"| {r['variant']} | {r['ppl']:.3f} | {100 * closed:.0f}% | {r['seconds']:.0f} s |")
     RESULTS.mkdir(exist_ok=True)
-    stem = f"ablation-{a.model}-g{a.group_size}"
+    stem = f"ablation-{a.model}-g{a.group_size}" + (f"-{a.tag}" if a.tag else "")
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
                                                        indent=2))

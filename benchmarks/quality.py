@@ -64,8 +64,19 @@ NOT_RUN = {
 }
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+    return {"machine": platform.machine(), "processor": _cpu_name(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 

@@ -41,14 +41,19 @@ class SearchConfig:
     # "gram": error of the group's linear outputs, tr(dW G dW^T) over all tokens (fast on CPUs).
     loss: str = "gram"
     search_tokens: int = 8192
+    # after the grid, `refine` more alphas each side of the best one at spacing 1 / (n_grid * (refine + 1))
+    refine: int = 0
+    # the next block's input is the quantized block's output (default: the full-precision output, as the
+    # reference does): later blocks then search scales against the error that really reaches them
+    propagate: bool = False
 
     def __post_init__(self):
         if self.formula not in ("x", "duo", "both"):
             raise ValueError(f"formula must be 'x', 'duo' or 'both', got {self.formula!r}")
         if self.loss not in ("output", "gram"):
             raise ValueError(f"loss must be 'output' or 'gram', got {self.loss!r}")
-        if self.n_grid < 1 or self.search_tokens < 1:
-            raise ValueError("n_grid and search_tokens must be positive")
+        if self.n_grid < 1 or self.search_tokens < 1 or self.refine < 0:
+            raise ValueError("n_grid and search_tokens must be positive, refine >= 0")
 
 
 def activation_mean(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +84,19 @@ def candidates(scfg: SearchConfig) -> list[tuple[str, float]]:
     alphas = [i / scfg.n_grid for i in range(scfg.n_grid)] + ([1.0] if scfg.alpha_one else [])
     formulas = ("x", "duo") if scfg.formula == "both" else (scfg.formula,)
     return [(f, a) for f in formulas for a in alphas]
+
+
+def refined(best: tuple[str, float], scfg: SearchConfig) -> list[tuple[str, float]]:
+    """Alphas around the grid's best (same formula), inside [0, 1], not already on the grid."""
+    formula, a = best
+    step = 1.0 / (scfg.n_grid * (scfg.refine + 1))
+    on_grid = {round(x, 9) for _, x in candidates(scfg)}
+    out = []
+    for j in range(1, scfg.refine + 1):
+        for b in (a - j * step, a + j * step):
+            if 0.0 <= b <= 1.0 and round(b, 9) not in on_grid:
+                out.append((formula, b))
+    return out
 
 
 def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], float],

@@ -36,6 +36,10 @@ def _add_calib_args(p):
     p.add_argument("--search-tokens", type=int, default=8192,
                    help="tokens on which attention/MLP output error is measured in the scale search")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    p.add_argument("--refine", type=int, default=0,
+                   help="after the alpha grid, try this many finer alphas each side of the best (default 0)")
+    p.add_argument("--propagate", action="store_true",
+                   help="feed each block the previous block's quantized output (default: full precision)")
 
 
 def _add_run_args(p):
@@ -77,7 +81,8 @@ def _windows(v):
 def _search_config(a):
     from .awq import SearchConfig
     return SearchConfig(n_grid=a.n_grid, alpha_one=a.alpha_one, formula=a.formula, clip_asym=a.clip_asym,
-                        loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20)
+                        loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20,
+                        refine=a.refine, propagate=a.propagate)
 
 
 def _default_out(model, bits, gs, method):

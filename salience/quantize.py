@@ -278,6 +278,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                 for n in inspect_names]
     outs = []
+    x_in = x.clone() if scfg is not None and scfg.propagate else None  # `out` may overwrite x below
     with _hooks(handles):
         for b, (args, kwargs) in enumerate(calls):
             stats.new_pass()
@@ -340,6 +341,12 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         w.copy_(dequantize(codes, scales, zeros, qcfg, dtype=w.dtype))
         linears[name] = LinearResult(codes, scales, zeros)
     phases["clip_quantize"] = time.time() - t0 - sum(phases.values())
+    if x_in is not None:  # the next block's input: this block's output with its quantized weights
+        for b, (args, kwargs) in enumerate(calls):
+            y[b * batch_size:(b + 1) * batch_size] = _call(block, (x_in[b * batch_size:(b + 1) * batch_size],
+                                                                   *args), kwargs)
+        del x_in
+        phases["propagate"] = time.time() - t0 - sum(phases.values())
     report["seconds"] = round(time.time() - t0, 3)
     report["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return BlockResult(index, linears, search, report), y
@@ -374,6 +381,11 @@ def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, s
 
     try:
         s, alpha, losses = awq.search_scale(x_mean, w_mean, loss_fn, awq.candidates(scfg))
+        if scfg.refine:
+            s2, alpha2, losses2 = awq.search_scale(x_mean, w_mean, loss_fn, awq.refined(alpha, scfg))
+            if losses2.min() < losses.min():
+                s, alpha = s2, alpha2
+            losses = torch.cat([losses, losses2])
     finally:
         for lin, w in zip(lins, orig):
             lin.weight.copy_(w)

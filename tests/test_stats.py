@@ -36,3 +36,39 @@ def test_fp32_model_computed_in_bf16_with_output_loss():
     reports = api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(loss="output"), device="cpu",
                                 dtype=torch.bfloat16, progress=False)
     assert len(reports) == 2 and all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_refined_alphas_are_new_and_in_range():
+    from salience.awq import SearchConfig, candidates, refined
+
+    scfg = SearchConfig(n_grid=10, refine=2)
+    grid = {a for _, a in candidates(scfg)}
+    for best in [("x", 0.0), ("x", 0.5), ("x", 0.9)]:
+        r = refined(best, scfg)
+        assert r and all(0 <= a <= 1 and a not in grid and f == "x" for f, a in r)
+        assert all(abs(a - best[1]) <= 2 / 30 + 1e-9 for _, a in r)
+
+
+def test_refine_never_worse_and_propagate_changes_only_later_blocks():
+    from salience import api
+    from salience.awq import SearchConfig
+    from salience.quant import QuantConfig
+    from tiny import tiny_model
+
+    rows = torch.randint(0, 300, (4, 32))
+
+    def run(**kw):
+        m = tiny_model("llama", dtype=torch.float32)
+        reps = api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(**kw), device="cpu",
+                                 dtype=torch.float32, progress=False)
+        return m, reps
+
+    base, rb = run()
+    fine, rf = run(refine=2)
+    for a, b in zip(rb, rf):
+        for key, g in a["groups"].items():
+            assert b["groups"][key]["loss"] <= g["loss"] * (1 + 1e-6)
+    prop, _ = run(propagate=True)
+    blocks_b, blocks_p = base.model.layers, prop.model.layers
+    assert all(torch.equal(p, q) for p, q in zip(blocks_b[0].parameters(), blocks_p[0].parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(blocks_b[1].parameters(), blocks_p[1].parameters()))
