@@ -268,7 +268,7 @@ def write_report(store: Store):
                     if fp is None or all(v is None for v in vals.values()):
                         continue
                     nums = {t: v for t, v in vals.items() if isinstance(v, float)}
-                    best = min(nums, key=nums.get) if nums else None
+                    best = min(nums, key=nums.get) if len(nums) >= 3 else None  # a row with peers to compare
                     row = []
                     for t in tools:
                         v = vals[t]
@@ -281,7 +281,10 @@ def write_report(store: Store):
         md.append("")
     md += ["## Quantization time and peak host memory", "",
            "Seconds of quantization as each tool measures it in its own process (model loading and writing "
-           "excluded; calibration forward passes included) / peak RSS of that process (MiB).", "",
+           "excluded; calibration forward passes included) / peak RSS of that process (MiB). The machine was "
+           "shared with other jobs (load average 3-6 on 2 cores): times within a row ran under similar but not "
+           "equal load, times across rows are not comparable. n/a: the first cells measured RSS wrongly "
+           "(ru_maxrss counts the parent's peak before the fork).", "",
            "| model | setting | " + " | ".join(LABELS[t] for t in tools) + " |", "|---|---|" + "---:|" * len(tools)]
     for model, gss in GROUPS.items():
         for bits in (4, 3):
