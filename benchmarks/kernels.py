@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from salience.kernels import PackedInt4, int4_linear  # noqa: E402
 from salience.kernels.reference import unpack_awq  # noqa: E402
+from salience.machine import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GS = 128
@@ -446,12 +447,7 @@ def bench_cpu(threads):
                   f"  (fp32 x: {r['ours_fp32in_s'] * 1e6:9.1f})  fp32 {r['fp32_s'] * 1e6:9.1f}"
                   f"  bf16 {r['bf16_s'] * 1e6:9.1f}  x fp32 {r['fp32_s'] / r['ours_bf16_s']:5.2f}"
                   f"  x bf16 {r['bf16_s'] / r['ours_bf16_s']:5.2f}", flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "loadavg": os.getloadavg()}
     return {"machine": info, "group_size": 64, "rows": rows}
 

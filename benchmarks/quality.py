@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from salience import api  # noqa: E402
 from salience.data import calibration_rows, eval_windows, load_text  # noqa: E402
 from salience.evaluate import perplexity  # noqa: E402
+from salience.machine import cpu_name  # noqa: E402
 from salience.models import materialize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,6 +50,7 @@ TOOLS = {
     "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
     "hqq": ("hqq", "hqq_run.py", []),
 }
+CALIBRATION_FREE = ("rtn", "hqq")
 LABELS = {"rtn": "RTN", "salience": "salience AWQ", "llmc-awq": "llm-compressor AWQ",
           "llmc-gptq": "llm-compressor GPTQ", "hqq": "HQQ (no calibration)"}
 # Tools that were tried and cannot give a fair row on this machine: the table says why.
@@ -64,19 +66,8 @@ NOT_RUN = {
 }
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    return {"machine": platform.machine(), "processor": _cpu_name(),
+    return {"machine": platform.machine(), "processor": cpu_name(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
@@ -90,7 +81,8 @@ def all_settings() -> list[str]:
 
 
 def cell_key(model, bits, gs, tool, calib) -> str:
-    return f"{model}|w{bits}g{gs}|{tool}|{calib}"
+    """calib: the calibration tag; "-" for the calibration-free tools, whose cells every text shares."""
+    return f"{model}|w{bits}g{gs}|{tool}|{'-' if tool in CALIBRATION_FREE else calib}"
 
 
 class Store:
@@ -214,7 +206,7 @@ def run(a, store: Store):
         for tool, calib in jobs:
             # the table's protocol is 128 rows; other row counts (time comparisons) get their own cells
             ctag = calib if a.rows == 128 else f"{calib}@{a.rows}"
-            key = cell_key(model, bits, gs, tool, "-" if tool in ("rtn", "hqq") else ctag)
+            key = cell_key(model, bits, gs, tool, ctag)
             rec = store.get(key) or {}
             if not a.redo and (wtag in rec.get("ppl", {}) or "error" in rec):
                 continue
@@ -263,7 +255,7 @@ def write_report(store: Store):
                 for gs in gss:
                     vals = {}
                     for t in tools:
-                        c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
+                        c = cells.get(cell_key(model, bits, gs, t, "lee")) or {}
                         vals[t] = c.get("ppl", {}).get(wtag, "error" if "error" in c else None)
                     if fp is None or all(v is None for v in vals.values()):
                         continue
@@ -291,7 +283,7 @@ def write_report(store: Store):
             for gs in gss:
                 row, any_ = [], False
                 for t in tools:
-                    c = cells.get(cell_key(model, bits, gs, t, "-" if t in ("rtn", "hqq") else "lee")) or {}
+                    c = cells.get(cell_key(model, bits, gs, t, "lee")) or {}
                     if "quantize_seconds" in c:
                         any_ = True
                         # early cells took ru_maxrss, which counts the orchestrator's peak before the fork

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -170,17 +169,14 @@ def child(a):
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    sys.path.insert(0, str(ROOT))
+    from salience.machine import cpu_name
+
     gpu = ""
     if device.startswith("cuda"):
         import torch
         gpu = torch.cuda.get_device_name(torch.device(device)) + ", "
-    return f"{gpu}{os.cpu_count()} x {cpu}"
+    return f"{gpu}{os.cpu_count()} x {cpu_name()}"
 
 
 def gib(b):

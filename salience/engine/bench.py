@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..machine import cpu_name
 from .generate import Runner, SamplingParams, steps
 
 GPU_BACKENDS = ["engine-w4", "engine-fp16", "hf-eager", "hf-static"]  # run order: compiles last
@@ -107,15 +108,7 @@ def machine(dev) -> str:
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         return f"{p.name} ({p.total_memory / 2 ** 30:.0f} GiB, {p.multi_processor_count} SMs)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def versions() -> dict:
