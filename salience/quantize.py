@@ -277,19 +277,10 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in watched.items()] if scfg else []
     handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                 for n in inspect_names]
-    outs = []
     x_in = x.clone() if scfg is not None and scfg.propagate else None  # `out` may overwrite x below
     with _hooks(handles):
-        for b, (args, kwargs) in enumerate(calls):
-            stats.new_pass()
-            xb = x[b * batch_size:(b + 1) * batch_size]
-            yb = _call(block, (xb, *args), kwargs)
-            if out is None:
-                outs.append(yb)
-            else:
-                out[b * batch_size:(b + 1) * batch_size] = yb
+        y = _forward(block, x, calls, batch_size, out, each=stats.new_pass)
     stats.new_pass()
-    y = out if out is not None and calls else (torch.cat(outs, dim=0) if outs else None)
     if y is not None and not torch.isfinite(y).all():
         raise NonFiniteActivation(f"non-finite (NaN/inf) output of block {index}")
     phases["forward"] = time.time() - t0
@@ -342,14 +333,29 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         linears[name] = LinearResult(codes, scales, zeros)
     phases["clip_quantize"] = time.time() - t0 - sum(phases.values())
     if x_in is not None:  # the next block's input: this block's output with its quantized weights
-        for b, (args, kwargs) in enumerate(calls):
-            y[b * batch_size:(b + 1) * batch_size] = _call(block, (x_in[b * batch_size:(b + 1) * batch_size],
-                                                                   *args), kwargs)
+        _forward(block, x_in, calls, batch_size, out=y)
         del x_in
         phases["propagate"] = time.time() - t0 - sum(phases.values())
     report["seconds"] = round(time.time() - t0, 3)
     report["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return BlockResult(index, linears, search, report), y
+
+
+def _forward(block, x, calls, batch_size: int, out=None, each=None):
+    """The block over x [n_rows, seqlen, hidden], one batch of rows per recorded call (its extra args and
+    kwargs). The output goes into `out` (which may be x: each batch's output overwrites its input once
+    computed) or a new tensor; None when there are no calls. each() runs before every batch."""
+    outs = []
+    for b, (args, kwargs) in enumerate(calls):
+        if each is not None:
+            each()
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        yb = _call(block, (x[rows], *args), kwargs)
+        if out is None:
+            outs.append(yb)
+        else:
+            out[rows] = yb
+    return out if out is not None and calls else (torch.cat(outs, dim=0) if outs else None)
 
 
 def _search_group(block, g: ScaleGroup, stats: _InputStats, saved_calls, qcfg, scfg):
