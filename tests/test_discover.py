@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tiny import CONFIGS, VLM_CONFIGS, tiny_model, tiny_tokenizer, tiny_vlm
+from tiny import CONFIGS, VLM_CONFIGS, perturb_norms, tiny_model, tiny_tokenizer, tiny_vlm
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
@@ -134,10 +134,8 @@ class ToyLM(nn.Module):
 def test_made_up_architecture_discovered_and_quantized():
     torch.manual_seed(0)
     m = ToyLM().eval()
+    perturb_norms(m)
     with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
         m.trunk.wte.weight[:, :3] *= 30  # salient channels: AWQ must beat RTN
     arch = discover(m)
     print(arch_to_python(arch, "toy"))
@@ -267,9 +265,6 @@ def test_discovery_on_granite_finds_llamas_groups():
     cfg = transformers.GraniteConfig(**_COMMON, num_key_value_heads=4, residual_multiplier=0.5,
                                      embedding_multiplier=4.0, attention_multiplier=0.2, logits_scaling=2.0)
     m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(m)
     found = discover(m)
     assert {group_key(g) for g in found.groups} == {group_key(g) for g in ARCHS["llama"].groups}  # MHA: v -> o

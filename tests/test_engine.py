@@ -21,7 +21,7 @@ from salience.engine.weights import from_hf_model
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 
-from tiny import CONFIGS, VOCAB, tiny_model, tiny_tokenizer
+from tiny import CONFIGS, VOCAB, perturb_norms, tiny_model, tiny_tokenizer
 
 ATOL = 1e-4
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
@@ -52,10 +52,7 @@ def _model(name):
         return tiny_model(name)
     torch.manual_seed(0)
     m = transformers.AutoModelForCausalLM.from_config(VARIANTS[name]()).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(m)
     return m
 
 

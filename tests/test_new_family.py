@@ -11,7 +11,7 @@ from salience import api, arch
 from salience.checkpoint import load_quantized
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
-from tiny import _COMMON, tiny_tokenizer
+from tiny import _COMMON, perturb_norms, tiny_tokenizer
 
 
 def test_unseen_family_needs_only_a_table_entry(tmp_path, monkeypatch):
@@ -21,10 +21,7 @@ def test_unseen_family_needs_only_a_table_entry(tmp_path, monkeypatch):
     cfg = transformers.GraniteConfig(**_COMMON, num_key_value_heads=2, residual_multiplier=0.5,
                                      embedding_multiplier=4.0, attention_multiplier=0.2, logits_scaling=2.0)
     m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(m)
     ref = api.clone(m)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))

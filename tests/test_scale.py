@@ -20,7 +20,7 @@ from salience.checkpoint import INDEX, REPORT, RESUME, SEARCH, CheckpointError, 
 from salience.models import ModelError, load_fp
 from salience.quant import QuantConfig
 
-from tiny import CONFIGS, tiny_model, tiny_tokenizer
+from tiny import CONFIGS, perturb_norms, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "\n\n".join(f"story {i}: the quick brown fox jumps over the lazy dog near the river bank." * 4
@@ -35,10 +35,7 @@ def _folder(tmp_path, model_type="llama", layers=2, dtype=torch.float32):
         cfg = CONFIGS[model_type]()
         cfg.num_hidden_layers = layers
         m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() == 1:
-                    p.add_(torch.randn_like(p) * 0.1)
+        perturb_norms(m)
     path = tmp_path / f"tiny-{model_type}"
     m.save_pretrained(path, max_shard_size="100KB")  # several shards + index: blocks span shards
     tiny_tokenizer().save_pretrained(path)

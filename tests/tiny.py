@@ -52,7 +52,12 @@ def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[model_type]()
     m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()  # buffers keep their dtype
-    # Random init leaves norms at 1 (or 0 for 1+w norms): perturb them so that folding is really tested.
+    return perturb_norms(m)
+
+
+def perturb_norms(m):
+    """Random init leaves norms at 1 (or 0 for 1+w norms): perturb them (every 1-d parameter, biases too)
+    so that folding is really tested."""
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1:
