@@ -400,8 +400,10 @@ def sweep_regs(out_dir):
 
 
 def sweep_gemv(out_dir, ms=(1,)):
-    """M = 1 GEMV: the hand-pipelined kernel vs the cp.async-pipelined one over (BLOCK_N, warps, stages,
-    split waves), with tinygemm and cuBLAS bf16 in the same run. Writes kernels_sweep_gemv_pipe.json."""
+    """M = 1 GEMV (group 128): the dispatcher's default against _gemv_wide_kernel over (BLOCK_N, units per
+    step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run (how gemv's
+    _gemv_config was chosen). Writes kernels_sweep_gemv_wide.json. The sweep in
+    results/gemv_experiments/ was run at commit 8ea719b, where "old" is the hand-pipelined _gemv_kernel."""
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -424,7 +426,7 @@ def sweep_gemv(out_dir, ms=(1,)):
             ref = T.gemv(x, p0)
             byt = int4_bytes(n, k, m)
             base = {}
-            base["old"], _ = gpu_time([lambda p=p: T.gemv(x, p) for p in ps], target_s=0.01)
+            base["default"], _ = gpu_time([lambda p=p: T.gemv(x, p) for p in ps], target_s=0.01)
             base["bf16"], _ = gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)
             base["tiny"], _ = gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
                                         for t in tgs], target_s=0.01)
@@ -434,61 +436,20 @@ def sweep_gemv(out_dir, ms=(1,)):
                 err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                 t, _ = gpu_time([lambda p=p: T.gemv(x, p, **cfg) for p in ps], target_s=0.01)
                 res.append({"k": k, "n": n, "m": m, "cfg": cfg, "us": t * 1e6, "tbs": byt / t / 1e12,
-                            "rel_err_vs_old": err})
+                            "rel_err_vs_default": err})
                 if best is None or t < best[0]:
                     best = (t, cfg)
             res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
             t = best[0]
-            print(f"K={k} N={n} M={m}: best pipe {t * 1e6:.1f} us {byt / t / 1e12:.2f} TB/s {best[1]} | "
-                  f"old {base['old'] * 1e6:.1f} us ({byt / base['old'] / 1e12:.2f} TB/s) | "
-                  f"x old {base['old'] / t:.2f} x tiny {base['tiny'] / t:.2f} x bf16 {base['bf16'] / t:.2f}",
+            print(f"K={k} N={n} M={m}: best {t * 1e6:.1f} us {byt / t / 1e12:.2f} TB/s {best[1]} | "
+                  f"default {base['default'] * 1e6:.1f} us ({byt / base['default'] / 1e12:.2f} TB/s) | "
+                  f"x default {base['default'] / t:.2f} x tiny {base['tiny'] / t:.2f} x bf16 {base['bf16'] / t:.2f}",
                   flush=True)
         del ps, p0, awq, ws, tgs
         torch.cuda.empty_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels_sweep_gemv_wide.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
                                                                       indent=0))
-
-
-def sweep_gemv_h2(out_dir):
-    """M = 1, fp16 x: the fp16x2 GEMV (h2) over (BLOCK_N, warps, stages, waves) vs the fp32-math GEMV and
-    cuBLAS fp16, same run. Writes kernels_sweep_gemv_h2.json."""
-    from salience.kernels import triton_int4 as T
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
-    cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv)
-            for bn, nw in ((64, 4), (128, 4), (128, 8)) for st in (1, 3) for wv in (2, 4)]
-    res = []
-    for k, n in shapes:
-        awq = random_awq(k, n, GS, "cuda", seed=1)
-        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.float16)
-        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        ref = T.gemv(x, p0).float()
-        byt = int4_bytes(n, k, 1)
-        old, _ = gpu_time([lambda p=p: T.gemv(x, p) for p in ps], target_s=0.01)
-        fp16, _ = gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)
-        best = None
-        for cfg in cfgs:
-            y = T.gemv(x, p0, h2=True, **cfg).float()
-            err = ((y - ref).norm() / ref.norm()).item()
-            t, _ = gpu_time([lambda p=p: T.gemv(x, p, h2=True, **cfg) for p in ps], target_s=0.01)
-            res.append({"k": k, "n": n, "cfg": cfg, "us": t * 1e6, "tbs": byt / t / 1e12, "rel_err_vs_fp32_math": err})
-            if best is None or t < best[0]:
-                best = (t, cfg, err)
-        res.append({"k": k, "n": n, "baselines_us": {"fp32-math gemv": old * 1e6, "cublas fp16": fp16 * 1e6}})
-        t = best[0]
-        print(f"K={k} N={n}: h2 {t * 1e6:.1f} us {byt / t / 1e12:.2f} TB/s {best[1]} err {best[2]:.1e} | "
-              f"fp32-math {old * 1e6:.1f} us ({byt / old / 1e12:.2f} TB/s) | x old {old / t:.2f} "
-              f"x fp16 {fp16 / t:.2f}", flush=True)
-        del ps, p0, awq, ws
-        torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels_sweep_gemv_h2.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
-                                                                    indent=0))
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -573,7 +534,7 @@ def write_cpu(res, out_dir=RESULTS):
 
 def run_one(spec):
     """Run one case a few times, untimed (to look at it under a profiler): 'kernel:K:N:M', kernel one
-    of gemv, gemv_pipe, gemm, linear (the dispatcher)."""
+    of gemv, gemm, linear (the dispatcher)."""
     from salience.kernels import triton_int4 as T
 
     kind, k, n, m = spec.split(":")
@@ -581,8 +542,7 @@ def run_one(spec):
     p = PackedInt4.from_awq(*random_awq(k, n, GS, "cuda"), GS, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     f = {"gemv": T.gemv, "gemm": T.gemm, "linear": int4_linear,
-         "gemv_pipe": lambda x, p: T.gemv(x, p, stages=3, waves=2),
-         "gemv_h2": lambda x, p: T.gemv(x.half(), p, h2=True, stages=3, waves=2)}[kind]
+}[kind]
     for _ in range(3):
         f(x, p)
     torch.cuda.synchronize()
@@ -595,8 +555,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="GPU: a few shapes and Ms")
     ap.add_argument("--sweep", action="store_true", help="GPU: block-size sweep of each kernel")
     ap.add_argument("--sweep-regs", action="store_true", help="GPU: register caps for the small-M kernels")
-    ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV, hand vs cp.async pipelining")
-    ap.add_argument("--sweep-h2", action="store_true", help="GPU: M=1 fp16 GEMV with fp16x2 math")
+    ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV configurations (BLOCK_N, units per step, stages, waves)")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -620,9 +579,6 @@ def main():
         return
     if a.sweep_gemv:
         sweep_gemv(a.out)
-        return
-    if a.sweep_h2:
-        sweep_gemv_h2(a.out)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

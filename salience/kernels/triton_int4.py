@@ -1,16 +1,22 @@
 """Triton kernels for 4-bit weight-only linears on CUDA, over the GPU layout of layout.py.
 
 Decode is memory-bound: at M tokens a linear must stream N*K/2 bytes of codes, so each kernel is
-judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Three:
+judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Four:
 
-  _gemv_kernel     M = 1, CUDA cores. Programs own BLOCK_N rows and a K range (split-K); the next
-                   unit's words, scales and x are loaded while the current one computes.
+  _gemv_wide_kernel  M = 1, CUDA cores, group sizes that are multiples of 128 (most checkpoints).
+                   Programs own BLOCK_N rows and a K range (split-K), U units per step; Triton's
+                   software pipeliner streams the words, x and scales through a cp.async ring.
+  _gemv_kernel     M = 1, group sizes 32/64 or K not a multiple of 128: the same math, the next
+                   unit's words, scales and x loaded by hand while the current one computes.
   _gemm_kernel     M up to a few hundred: a [BLOCK_N, 16] slice of codes, made 16-bit floats in
                    registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
-Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 0.9-2.0 TB/s effective at
-M = 1, latency-bound (too few bytes in flight per SM), short of the 2.5-3 TB/s the hardware allows.
+Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
+M = 1, short of the 2.5-3 TB/s the hardware allows. Not for lack of bytes in flight (a deeper cp.async
+ring did not help) nor of instruction throughput (fp16x2 math with 35 % fewer instructions did not
+help either; kernels_notes.md): these 8-65 MB matrices give each SM 2-8 short programs, and the
+ramp-up and split-K tail of each launch weigh as much as the streaming.
 
 Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
 0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
@@ -170,9 +176,10 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
     axis 2; meant for M = 1). Tiles are [BN, 16] (rows, words of a unit) or slices of that layout, so
     no value moves between threads until the final sum. Everything the next unit needs (its words,
-    x, and, when a group spans whole units, its scales) is loaded while this unit computes: Triton's
-    pipeliner only pipelines loads that feed a dot, and each of these loads would otherwise stall
-    every step. SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32)."""
+    x, and, when a group spans whole units, its scales) is loaded while this unit computes (by hand:
+    written before _gemv_wide_kernel's tl.range pipelining, which does the same with less code but
+    has not been written for SUB > 1 yet). SUB = groups per unit (1: group size a multiple of 128;
+    2: 64; 4: 32)."""
     NPG: tl.constexpr = 8 // SUB  # nibbles per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -221,59 +228,16 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemv_pipe_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                      M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
-                      BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT: tl.constexpr, STAGES: tl.constexpr):
-    """_gemv_kernel's math with the memory pipelining left to Triton: a loop given num_stages (tl.range)
-    has all its loads pipelined, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
-    memory. STAGES - 1 units of words, x and scales are then in flight per program without holding
-    registers (the hand-written prefetch of _gemv_kernel keeps exactly one unit in flight, in registers)."""
-    NPG: tl.constexpr = 8 // SUB  # nibbles per group
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rs = tl.arange(0, _WORDS)
-    w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
-    sz_row = sz_ptr + rn  # [BN]
-    x_row = x_ptr + m * stride_xm + rs  # [16]
-    u_lo = pid_k * units_per_split
-    u_hi = tl.minimum(u_lo + units_per_split, n_units)
-
-    acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
-    for u in tl.range(u_lo, u_hi, num_stages=STAGES):
-        words = tl.load(w_base + u * _WORDS)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_unit(x_row, u, rs >= 0, K, MASK_K)
-        if SUB == 1:
-            s16, c = _scale_zero(tl.load(sz_row + (u // UPG) * NP))
-        for i in tl.static_range(8):
-            if SUB > 1:
-                if i % NPG == 0:
-                    s16, c = _scale_zero(tl.load(sz_row + (u * SUB + i // NPG) * NP))
-            xi = _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)
-            v = _nibble_f32(words, i, ONE)  # [BN, 16]
-            if i % NPG == 0:
-                p = v * xi[None, :]
-                xs = xi
-            else:
-                p += v * xi[None, :]
-                xs += xi
-            if i % NPG == NPG - 1:
-                acc += p * s16[:, None] + xs[None, :] * c[:, None]
-    out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
-              b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       STAGES: tl.constexpr):
-    """_gemv_pipe_kernel reading U consecutive units per step ([BN, U, 16] words: 64*U contiguous bytes
-    per row instead of 64), for group sizes that are multiples of 128 and K % 128 == 0."""
+    """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
+    consecutive units per step: [BN, U, 16] words, 64*U contiguous bytes per row (U = 2 measured up to
+    1.35x faster than 64-byte rows on tall matrices). A loop given num_stages (tl.range) has all its
+    loads pipelined by Triton, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
+    memory, so no hand-written prefetch is needed. Units past u_hi (when U does not divide the split)
+    load code 0, scale 0 and x 0: exact zeros."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -301,123 +265,6 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                 xs += xi
         acc += p * s16[:, :, None] + xs[None, :, :] * c[:, :, None]
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BN]
-    rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
-              b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
-
-
-# One int64 element = words 2e (low half) and 2e + 1 (high half) of a unit: 16 codes. Per word, nibbles
-# (j, j + 4) become the two fp16 lanes 1024 + q of one register (one LOP3), minus 1032 gives q - 8
-# exactly (HSUB2), times the fp16 x pair (x[16j + s], x[16(j + 4) + s]) summed in fp16x2 (HFMA2); the
-# 16 products of the element leave as one fp32 sum. ~2.2 instructions per code instead of ~3.3.
-_H2_ASM = tl.constexpr("""{
-.reg .b32 wl, wh, t, h, acc, msk, one, mag;
-.reg .b16 lo, hi;
-.reg .f32 f0, f1;
-mov.b64 {wl, wh}, $1;
-mov.b32 msk, 0x000F000F;
-mov.b32 one, 0x64006400;
-mov.b32 mag, 0x64086408;
-lop3.b32 t, wl, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-mul.rn.f16x2 acc, t, $2;
-shr.b32 h, wl, 4;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $3, acc;
-shr.b32 h, wl, 8;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $4, acc;
-shr.b32 h, wl, 12;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $5, acc;
-lop3.b32 t, wh, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $6, acc;
-shr.b32 h, wh, 4;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $7, acc;
-shr.b32 h, wh, 8;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $8, acc;
-shr.b32 h, wh, 12;
-lop3.b32 t, h, msk, one, 0xea;
-sub.f16x2 t, t, mag;
-fma.rn.f16x2 acc, t, $9, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 f0, lo;
-cvt.f32.f16 f1, hi;
-add.f32 f0, f0, f1;
-mov.b32 $0, f0;
-}""")
-
-
-@triton.jit
-def _h2_pair(a_lo, a_hi, HIGH: tl.constexpr):
-    """fp16 pair (x[16j + s], x[16(j + 4) + s]) as one int32 from a_lo = x[16j + 2e .. + 1] and
-    a_hi = x[16(j + 4) + 2e .. + 1] (each an int32 holding two fp16): s = 2e (HIGH False) or 2e + 1."""
-    if HIGH:
-        return ((a_lo >> 16) & 0xFFFF) | ((a_hi >> 16) << 16)
-    return (a_lo & 0xFFFF) | (a_hi << 16)
-
-
-@triton.jit
-def _h2_f32(a, HIGH: tl.constexpr):
-    h = (a >> 16) if HIGH else a
-    return (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemv_h2_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                    M, N, K, NP, KW2, UPG, n_units, units_per_split, stride_xm, stride_om,
-                    BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr):
-    """M = 1 GEMV for fp16 x, group sizes that are multiples of 128 and K % 128 == 0, with the codes
-    multiplied in fp16x2 (see _H2_ASM): x_ptr is x viewed as int32 (fp16 pairs), w_ptr the words viewed
-    as int64 [Np, KW2 = KW / 2]. Per group the fp32 partial r = sum (q - 8) x is scaled like the other
-    kernels: s * r + (8 - z) * s * sum x."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    re = tl.arange(0, 8)
-    w_base = w_ptr + rn[:, None] * KW2 + re[None, :]  # [BN, 8] int64
-    sz_row = sz_ptr + rn
-    x_row = x_ptr + m * (stride_xm // 2) + re  # [8] int32: x[2e], x[2e + 1]
-    u_lo = pid_k * units_per_split
-    u_hi = tl.minimum(u_lo + units_per_split, n_units)
-    acc = tl.zeros([BN, 8], dtype=tl.float32)
-    for u in tl.range(u_lo, u_hi, num_stages=STAGES):
-        w = tl.load(w_base + u * 8)
-        xb = x_row + u * 64
-        a0 = tl.load(xb)
-        a1 = tl.load(xb + 8)
-        a2 = tl.load(xb + 16)
-        a3 = tl.load(xb + 24)
-        a4 = tl.load(xb + 32)
-        a5 = tl.load(xb + 40)
-        a6 = tl.load(xb + 48)
-        a7 = tl.load(xb + 56)
-        sz = tl.load(sz_row + (u // UPG) * NP)
-        s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        c = (8.0 - ((sz >> 16) & 0xFF).to(tl.float32)) * s
-        xsum = (_h2_f32(a0, False) + _h2_f32(a0, True) + _h2_f32(a1, False) + _h2_f32(a1, True)
-                + _h2_f32(a2, False) + _h2_f32(a2, True) + _h2_f32(a3, False) + _h2_f32(a3, True)
-                + _h2_f32(a4, False) + _h2_f32(a4, True) + _h2_f32(a5, False) + _h2_f32(a5, True)
-                + _h2_f32(a6, False) + _h2_f32(a6, True) + _h2_f32(a7, False) + _h2_f32(a7, True))  # [8]
-        z = tl.zeros([BN, 8], dtype=tl.int32)
-        r = tl.inline_asm_elementwise(
-            _H2_ASM, "=r,l,r,r,r,r,r,r,r,r",
-            [w, z + _h2_pair(a0, a4, False)[None, :], z + _h2_pair(a1, a5, False)[None, :],
-             z + _h2_pair(a2, a6, False)[None, :], z + _h2_pair(a3, a7, False)[None, :],
-             z + _h2_pair(a0, a4, True)[None, :], z + _h2_pair(a1, a5, True)[None, :],
-             z + _h2_pair(a2, a6, True)[None, :], z + _h2_pair(a3, a7, True)[None, :]],
-            dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
-        acc += r * s[:, None] + xsum[None, :] * c[:, None]
-    out = tl.sum(acc, axis=1)[None, :]
     rm = m + tl.arange(0, 1)
     _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
               b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
@@ -591,41 +438,36 @@ def _reg_cap(maxnreg):
     return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 
-def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4, maxnreg=None, stages=None, waves=None,
-         h2=False, wide=None):
+def _gemv_config(np_: int):
+    """(BLOCK_N, units per step, split-K waves) of _gemv_wide_kernel, from the H100 sweep
+    (benchmarks/results/gemv_experiments/kernels_sweep_gemv_wide.json): wide steps pay off on tall matrices."""
+    return (128, 1, 2) if np_ < 8192 else (64, 2, 4)
+
+
+def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=None, wide=None, waves=None,
+         stages=3):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
-    stages: None = the hand-pipelined _gemv_kernel; k >= 2 = _gemv_pipe_kernel with a k-deep cp.async ring.
-    waves: split-K aims at this many programs per SM (default SPLIT_WAVES)."""
+    Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
+    _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
+    waves: split-K aims at this many programs per SM."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
     n_units = kw // WORDS
+    sub, upg = _geometry(p)
+    use_wide = sub == 1 and k % UNIT == 0
+    bn0, wide0, waves0 = _gemv_config(np_) if use_wide else (128, 1, SPLIT_WAVES)
+    block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
-    sms = _n_sms(x2) * (waves or SPLIT_WAVES) // SPLIT_WAVES
-    n_split, ups = _split(tiles * m, n_units, wide or 1, max(sms, 1), split)
-    sub, upg = _geometry(p)
+    n_split, ups = _split(tiles * m, n_units, wide, max(_n_sms(x2) * waves // SPLIT_WAVES, 1), split)
     args = (*_launch_args(x2, p, bias, out, n_split, m),
             m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
-    meta = dict(BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None, SPLIT=n_split > 1,
-                num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
-    if wide:
-        if not (sub == 1 and k % UNIT == 0):
-            raise ValueError("the wide GEMV takes group sizes that are multiples of 128, K % 128 == 0")
-        _gemv_wide_kernel[(tiles, n_split, m)](*args, BN=block_n, U=wide, HAS_BIAS=bias is not None,
-                                               SPLIT=n_split > 1, STAGES=stages or 1, num_warps=num_warps,
-                                               num_stages=1)
-    elif h2:
-        if not (x2.dtype == torch.float16 and sub == 1 and k % UNIT == 0):
-            raise ValueError("the fp16x2 GEMV takes fp16 x, group sizes that are multiples of 128, K % 128 == 0")
-        _gemv_h2_kernel[(tiles, n_split, m)](
-            x2.view(torch.int32), p.qweight.view(torch.int64), *args[2:7],
-            m, p.n, k, np_, kw // 2, upg, n_units, ups, x2.stride(0), out.stride(0),
-            BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, STAGES=stages or 1,
-            num_warps=num_warps, num_stages=1)
-    elif stages:
-        _gemv_pipe_kernel[(tiles, n_split, m)](*args, STAGES=stages, **meta)
+    meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
+                **_reg_cap(maxnreg))
+    if use_wide:
+        _gemv_wide_kernel[(tiles, n_split, m)](*args, U=wide, STAGES=stages, **meta)
     else:
-        _gemv_kernel[(tiles, n_split, m)](*args, **meta)
+        _gemv_kernel[(tiles, n_split, m)](*args, SUB=sub, MASK_K=(k % UNIT != 0), **meta)
     return out
 
 
