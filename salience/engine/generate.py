@@ -233,10 +233,11 @@ class Runner:
         g, out = self._graph(lambda: m(st_tok[:, None], st_pos, st_start, ops=self.ops)[:, -1])
         self.graph = (key, g, st_tok, st_pos, st_start, out)
 
-    def _graph(self, step):
+    def _graph(self, step, pool=None):
         """step() (one decode step on static inputs) captured in a CUDA graph -> (graph, its output). Two
         warm-up runs first (Triton compiles, kernels repack, the allocator settles); they write K/V at the
-        step's slots, which every replay overwrites before reading them."""
+        step's slots, which every replay overwrites before reading them. pool: a memory pool shared with
+        other graphs (safe here: replays never overlap, and each output is copied out at once)."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -245,7 +246,7 @@ class Runner:
         self.ops_ok = True
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             out = step()
         return g, out
 
@@ -261,7 +262,8 @@ class Runner:
         self.row_pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] the slot each row writes next
         self.live = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] 1 where a row holds a sequence
         self.row_len = [None] * rows  # host mirror of row_pos for live rows (None: free), for bounds checks
-        self.row_graphs = {}  # bucket size -> (graph, static tokens [bucket], logits); they read row_pos
+        self.row_graphs = {}  # (rows, kv_len) bucket -> (graph, static tokens [rows], logits); read row_pos
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.opened = (self.model.cache_version, rows, slots)
 
     def _check_open(self):
@@ -295,16 +297,18 @@ class Runner:
     @torch.inference_mode()
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok [n] (on the device): the next token of rows 0..n-1 -> logits [n, V]. Row b writes slot
-        row_pos[b] and attends to slots 0..row_pos[b]; then live rows advance and free rows stay at slot 0."""
+        row_pos[b] and attends to slots 0..row_pos[b]; then live rows advance and free rows stay at slot 0.
+        Attention reads only slots < kv_len = the longest live row + 1 (on GPU rounded up to a bucket): the
+        cache's unused tail would otherwise cost as much bandwidth as it is long."""
         self._check_open()
-        n = tok.shape[0]
-        full = [r for r in range(n) if self.row_len[r] is not None and self.row_len[r] >= self.opened[2]]
-        if full:
-            raise RuntimeError(f"rows {full}: KV cache row full ({self.opened[2]} slots)")
-        out = self._replay_rows(tok) if self.graphs else None
+        n, slots = tok.shape[0], self.opened[2]
+        top = max((x for x in self.row_len[:n] if x is not None), default=0)  # the furthest slot written now
+        if top >= slots:
+            raise RuntimeError(f"KV cache row full ({slots} slots)")
+        out = self._replay_rows(tok, top + 1) if self.graphs else None
         if out is None:
             def fn():
-                return self.model(tok[:, None], self.row_pos[:n, None], ops=self.ops)[:, -1]
+                return self.model(tok[:, None], self.row_pos[:n, None], kv_len=top + 1, ops=self.ops)[:, -1]
             out = fn() if self.ops is EAGER or self.ops_ok else self._first_compiled_step(fn)
             self.ops_ok = True
         self.row_pos[:n] += self.live[:n]
@@ -319,35 +323,44 @@ class Runner:
         self.row_pos[row] = 0
         self.row_len[row] = None
 
-    def buckets(self) -> list[int]:
-        """Row counts that step() runs with CUDA graphs: powers of two, and all rows (one graph each)."""
-        rows = self.opened[1]
-        return [1 << i for i in range(rows.bit_length()) if 1 << i < rows] + [rows]
+    def buckets(self) -> tuple[list[int], list[int]]:
+        """The CUDA graphs of step(): row counts (powers of two, and all rows) x attended spans (powers of
+        two from 256, and all slots)."""
+        _, rows, slots = self.opened
+        return ([1 << i for i in range(rows.bit_length()) if 1 << i < rows] + [rows],
+                [256 << i for i in range(slots.bit_length()) if 256 << i < slots] + [slots])
 
     def warm(self):
-        """Capture the decode step of every bucket now (GPU; each batch size compiles the ops once), so that
-        no request waits for it. Only while no row is live (dummy steps write slot 0 of free rows)."""
+        """Capture every graph of step() now (GPU; each row count also compiles the ops once), so that no
+        request waits for it. Only while no row is live: the dummy steps write slot 0 of free rows."""
         if not self.graphs:
             return
-        if any(n is not None for n in self.row_len):
+        self._check_open()
+        if any(x is not None for x in self.row_len):
             raise RuntimeError("warm() needs all rows free")
-        for b in self.buckets():
-            self.step(torch.zeros(b, dtype=torch.long, device=self.device))
+        rows, spans = self.buckets()
+        for b in reversed(rows):  # the largest first: the shared memory pool is sized by it
+            for kv in spans:
+                if self._replay_rows(torch.zeros(b, dtype=torch.long, device=self.device), kv) is None:
+                    return
 
-    def _replay_rows(self, tok):
-        """step() through the CUDA graph of the smallest bucket that holds n rows (rows n.. of it are
-        free); None if capture failed (then graphs stay off, with a message)."""
+    def _replay_rows(self, tok, kv_len: int):
+        """step() through the CUDA graph of the smallest buckets that hold n rows (rows n.. of it are free)
+        and kv_len slots; None if capture failed (then graphs stay off, with a message)."""
         n = tok.shape[0]
-        b = next(b for b in self.buckets() if b >= n)
-        if b not in self.row_graphs:
+        rows, spans = self.buckets()
+        key = (next(b for b in rows if b >= n), next(k for k in spans if k >= kv_len))
+        if key not in self.row_graphs:
+            b, kv = key
             st_tok = torch.zeros(b, dtype=torch.long, device=self.device)
             pos = self.row_pos[:b, None]  # a view: replays read the current slots
             try:
-                g, out = self._graph(lambda: self.model(st_tok[:, None], pos, ops=self.ops)[:, -1])
+                g, out = self._graph(lambda: self.model(st_tok[:, None], pos, kv_len=kv, ops=self.ops)[:, -1],
+                                     self.pool)
             except RuntimeError as e:
                 return self._graphs_off(e)
-            self.row_graphs[b] = (g, st_tok, out)
-        g, st_tok, out = self.row_graphs[b]
+            self.row_graphs[key] = (g, st_tok, out)
+        g, st_tok, out = self.row_graphs[key]
         st_tok[:n].copy_(tok)
         g.replay()
         return out[:n].clone()
