@@ -285,20 +285,17 @@ class Attention(nn.Module):
         q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
                                c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
         k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        if rows is not None:  # prompts joining a running batch: slots input_pos [T] of cache rows `rows`
-            # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
-            self.k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2)
-            self.v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
-        else:
+        if rows is None and input_pos.dim() == 1:  # the same slots for every row
             rows = slice(0, b)
-            kc, vc = self.k_cache[rows], self.v_cache[rows]  # views: the writes below land in the cache
-            if input_pos.dim() == 1:
-                kc.index_copy_(2, input_pos, k)
-                vc.index_copy_(2, input_pos, v)
-            else:  # per-row slots: k[b, h, t] -> slot input_pos[b, t]
-                i = input_pos[:, None, :, None].expand(b, c.n_kv, t, c.head_dim)
-                kc.scatter_(2, i, k)
-                vc.scatter_(2, i, v)
+            self.k_cache[rows].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
+            self.v_cache[rows].index_copy_(2, input_pos, v)
+        else:  # per-row slots input_pos [B, T] of rows 0..B-1, or slots input_pos [T] of cache rows `rows`
+            r = (rows if rows is not None else torch.arange(b, device=x.device))[:, None]  # [B, 1]
+            # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
+            # (not scatter_: on CPU it copied the whole cache at every call)
+            self.k_cache[r, :, input_pos] = k.transpose(1, 2)
+            self.v_cache[r, :, input_pos] = v.transpose(1, 2)
+            rows = rows if rows is not None else slice(0, b)
         g = c.n_heads // c.n_kv
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
