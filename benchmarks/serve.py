@@ -17,7 +17,8 @@ Reports requests/s, generated tokens/s, latency p50/p99 (request sent -> last ev
 token p50/p99, failed requests, and how the scheduler batched: decode steps, mean rows per step, requests
 that joined a running loop, prefill forwards. Writes benchmarks/results/serve[_gpu].md and .json naming the
 machine and its load average, with the previous result of the same file for comparison. Every request
-asks for exactly --new-tokens tokens; a row that ends early (EOS) counts the tokens it produced.
+asks for exactly --new-tokens tokens (--vary: 0.25x to 1.75x of it); a row that ends early (EOS) counts the
+tokens it produced.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ TEXT = ("The ocean covers most of the planet and holds nearly all of its water. 
         "the equator toward the poles, and its surface exchanges gases with the air above it. Beneath the "
         "waves live creatures of every size, from drifting plankton to the largest animals that have ever "
         "existed. Scientists study the sea with ships, buoys, satellites and robots that dive for months.")
+
+
+def max_tokens(i: int, a) -> int:
+    """Request i's max_tokens: --new-tokens, or with --vary 0.25x to 1.75x of it (mean 1x), cycling."""
+    return max(1, round(a.new_tokens * (0.25 + 0.25 * ((i * 5) % 7)))) if a.vary else a.new_tokens
 
 
 def prompt(i: int, vocab: int | None):
@@ -83,7 +89,7 @@ def start_server(a, model: Path, port: int, log):
     cmd = [sys.executable, "-m", "salience.cli", "serve", str(model), "--port", str(port), "--device",
            a.device, "--dtype", a.dtype, "--max-batch", str(a.max_batch), "--kv-tokens", str(a.kv_tokens),
            "--served-model-name", "bench"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(a.server_root or ROOT))
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 300
@@ -108,7 +114,7 @@ async def http_client(client, queue: asyncio.Queue, a, results: list):
         ttft, tokens, err = None, 0, None
         try:
             stream = await client.completions.create(model="bench", prompt=prompt(i, None),
-                                                     max_tokens=a.new_tokens, temperature=0, stream=True,
+                                                     max_tokens=max_tokens(i, a), temperature=0, stream=True,
                                                      stream_options={"include_usage": True})
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text and ttft is None:
@@ -149,7 +155,9 @@ def run_http(a, model: Path) -> tuple[list, float, dict]:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    return results, wall, {k: h1[k] - h0[k] for k in ("steps", "row_steps", "joined_running", "batches")}
+    # a server from before continuous batching (--server-root) counts batches only
+    c = {k: h1.get(k, 0) - h0.get(k, 0) for k in ("steps", "row_steps", "joined_running", "batches")}
+    return results, wall, c, "continuous" if "steps" in h1 else "request-level"
 
 
 # ---- in-process mode
@@ -190,7 +198,8 @@ async def inproc_client(sched, eng, queue: asyncio.Queue, a, vocab, results: lis
         t0 = time.perf_counter()
         ttft, tokens, err = None, 0, None
         out = Channel(asyncio.get_running_loop())
-        r = Request("completion", "bench", prompts=[prompt(i, vocab)], max_tokens=a.new_tokens, temperature=0.0)
+        r = Request("completion", "bench", prompts=[prompt(i, vocab)], max_tokens=max_tokens(i, a),
+                    temperature=0.0)
         jobs = prepare(r, eng, out, sched.lock)
         sched.submit(jobs)
         try:
@@ -273,8 +282,8 @@ def previous(path: Path, res: dict) -> dict | None:
         prev = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = ("mode", "model", "device", "dtype", "clients", "requests", "new_tokens", "max_batch")
-    if any(prev.get(k, "HTTP" if k == "mode" else None) != res[k] for k in same):
+    same = ("mode", "model", "device", "dtype", "clients", "requests", "new_tokens", "vary", "max_batch")
+    if any(prev.get(k, {"mode": "HTTP", "vary": False}.get(k)) != res[k] for k in same):
         return None
     prev.setdefault("batching", "request-level")
     prev.pop("previous", None)
@@ -292,6 +301,9 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--vary", action="store_true", help="max_tokens from 0.25x to 1.75x --new-tokens (mean 1x) "
+                   "instead of all equal")
+    p.add_argument("--server-root", help="HTTP mode: serve with the salience of this checkout (a baseline)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--kv-tokens", type=int, default=1 << 16, help="the server's KV budget (rows x slots)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the whole load (a hard bound)")
@@ -300,13 +312,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.in_process = a.in_process or bool(a.random)
     model = None if a.random else Path(a.model) if a.model else smollm2_w4()
-    out = Path(a.out or ROOT / "benchmarks" / "results" / ("serve_gpu" if a.random else "serve"))
+    out = Path(a.out or ROOT / "benchmarks" / "results" / (("serve_gpu" if a.random else "serve")
+                                                           + ("_mixed" if a.vary else "")))
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     if a.in_process:
         results, wall, c, eng = run_inproc(a, model)
+        batching = "continuous"
     else:
-        results, wall, c = run_http(a, model)
+        results, wall, c, batching = run_http(a, model)
     load_after = os.getloadavg()
     ok = [r for r in results if r["error"] is None]
     failed = [r for r in results if r["error"] is not None] + [None] * (a.requests - len(results))
@@ -316,9 +330,9 @@ def main(argv=None):
     res = {
         "machine": machine(a.device), "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after], "model": name,
-        "mode": "in-process (Scheduler, no HTTP)" if a.in_process else "HTTP", "batching": "continuous",
-        "device": a.device, "dtype": a.dtype, "clients": a.clients, "requests": a.requests,
-        "new_tokens": a.new_tokens, "max_batch": a.max_batch, "kv_tokens": a.kv_tokens, "wall_s": round(wall, 2),
+        "mode": "in-process (Scheduler, no HTTP)" if a.in_process else "HTTP", "batching": batching,
+        "server_root": a.server_root, "device": a.device, "dtype": a.dtype, "clients": a.clients,
+        "requests": a.requests, "new_tokens": a.new_tokens, "vary": a.vary, "max_batch": a.max_batch, "kv_tokens": a.kv_tokens, "wall_s": round(wall, 2),
         "requests_per_s": round(len(ok) / wall, 3), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
         "tokens": sum(r["tokens"] for r in ok),
         "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
@@ -332,7 +346,9 @@ def main(argv=None):
     prompts = "16-128 token ids" if a.random else "12-60 words"
     md = [f"# `salience serve` load test on {res['machine']}", "",
           f"{res['model']}, {a.device} {a.dtype}; {res['mode']}; {a.clients} concurrent streaming clients, "
-          f"{a.requests} completion requests of {a.new_tokens} new tokens (greedy), prompts of {prompts}; "
+          f"{a.requests} greedy completion requests of "
+          + (f"{max_tokens(0, a)}-{max(max_tokens(i, a) for i in range(7))} (mean {a.new_tokens})" if a.vary
+             else f"{a.new_tokens}") + f" new tokens, prompts of {prompts}; "
           f"OMP_NUM_THREADS={res['omp_num_threads']}, --max-batch {a.max_batch}, --kv-tokens {a.kv_tokens}. "
           f"`python benchmarks/serve.py {' '.join(argv or sys.argv[1:])}`".rstrip(), "",
           f"Load average before / after: {res['load_average_before']} / {res['load_average_after']}.", "",
@@ -341,13 +357,16 @@ def main(argv=None):
     for r in [prev, res] if prev else [res]:
         md.append(f"| {r['batching']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['latency_p50_s']} s "
                   f"| {r['latency_p99_s']} s | {r['ttft_p50_s']} s | {r['ttft_p99_s']} s | {r['failed']} |")
-    md += ["", f"Wall {res['wall_s']} s for {res['tokens']} generated tokens. Scheduler: {res['decode_steps']} "
-           f"decode steps of {res['mean_rows_per_step']} rows on average; {res['joined_running']} of "
-           f"{a.requests} requests joined a running decode loop; {res['prefills']} prefill forwards."]
+    md += ["", f"Wall {res['wall_s']} s for {res['tokens']} generated tokens. " + (
+        f"Scheduler: {res['decode_steps']} decode steps of {res['mean_rows_per_step']} rows on average; "
+        f"{res['joined_running']} of {a.requests} requests joined a running decode loop; {res['prefills']} "
+        "prefill forwards." if batching == "continuous" else f"Scheduler: {res['prefills']} batches.")]
     if prev:
         md += ["", f"The first row is the previous result of this file ({prev['batching']} batching"
                + (f": {prev['server_batches']} batches of {prev['batch_sizes']} rows" if "batch_sizes" in prev
-                  else "") + f"; load average then {prev['load_average_before']})."]
+                  else f", {prev['prefills']} batches" if prev["batching"] == "request-level" else "")
+               + (f", served from {prev['server_root']}" if prev.get("server_root") else "")
+               + f"; load average then {prev['load_average_before']})."]
     if res["errors"]:
         md += ["", "Errors: " + "; ".join(res["errors"])]
     res["previous"] = prev
