@@ -91,7 +91,8 @@ def start_server(a, model: Path, port: int, log):
            "--served-model-name", "bench"]
     env = dict(os.environ, PYTHONPATH=str(a.server_root or ROOT))
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # cwd too: `python -m` puts it first on sys.path
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=a.server_root or ROOT)
     deadline = time.time() + 300
     while True:
         try:
@@ -275,19 +276,18 @@ def machine(device: str) -> str:
     return m(torch.device(device)) + f" ({os.cpu_count()} cores)"
 
 
-def previous(path: Path, res: dict) -> dict | None:
-    """The last result in this file, if it measured the same thing (files from before continuous batching
-    have no "batching" key: request-level)."""
+def history(path: Path, res: dict) -> list[dict]:
+    """The last results in this file (up to 3, oldest first) if they measured the same thing (files from
+    before continuous batching have no "batching" key: request-level)."""
     try:
         prev = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return []
     same = ("mode", "model", "device", "dtype", "clients", "requests", "new_tokens", "vary", "max_batch")
     if any(prev.get(k, {"mode": "HTTP", "vary": False}.get(k)) != res[k] for k in same):
-        return None
+        return []
     prev.setdefault("batching", "request-level")
-    prev.pop("previous", None)
-    return prev
+    return (prev.pop("history", []) + [prev])[-3:]
 
 
 def main(argv=None):
@@ -342,7 +342,8 @@ def main(argv=None):
         "joined_running": c["joined_running"], "prefills": c["batches"],
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"), "python": platform.python_version(),
     }
-    prev = previous(out.with_suffix(".json"), res)
+    res["date"] = time.strftime("%Y-%m-%d %H:%M")
+    hist = history(out.with_suffix(".json"), res)
     prompts = "16-128 token ids" if a.random else "12-60 words"
     md = [f"# `salience serve` load test on {res['machine']}", "",
           f"{res['model']}, {a.device} {a.dtype}; {res['mode']}; {a.clients} concurrent streaming clients, "
@@ -352,24 +353,26 @@ def main(argv=None):
           f"OMP_NUM_THREADS={res['omp_num_threads']}, --max-batch {a.max_batch}, --kv-tokens {a.kv_tokens}. "
           f"`python benchmarks/serve.py {' '.join(argv or sys.argv[1:])}`".rstrip(), "",
           f"Load average before / after: {res['load_average_before']} / {res['load_average_after']}.", "",
-          "| batching | requests/s | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | failed |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in [prev, res] if prev else [res]:
-        md.append(f"| {r['batching']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['latency_p50_s']} s "
-                  f"| {r['latency_p99_s']} s | {r['ttft_p50_s']} s | {r['ttft_p99_s']} s | {r['failed']} |")
+          "| run | batching | requests/s | tokens/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | failed "
+          "| load average before |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in hist + [res]:
+        md.append(f"| {r.get('date', 'earlier')}{' (this run)' if r is res else ''} | {r['batching']}"
+                  + (f", served from {r['server_root']}" if r.get("server_root") else "")
+                  + f" | {r['requests_per_s']} | {r['tokens_per_s']} | {r['latency_p50_s']} s "
+                  f"| {r['latency_p99_s']} s | {r['ttft_p50_s']} s | {r['ttft_p99_s']} s | {r['failed']} "
+                  f"| {r['load_average_before']} |")
     md += ["", f"Wall {res['wall_s']} s for {res['tokens']} generated tokens. " + (
         f"Scheduler: {res['decode_steps']} decode steps of {res['mean_rows_per_step']} rows on average; "
         f"{res['joined_running']} of {a.requests} requests joined a running decode loop; {res['prefills']} "
         "prefill forwards." if batching == "continuous" else f"Scheduler: {res['prefills']} batches.")]
-    if prev:
-        md += ["", f"The first row is the previous result of this file ({prev['batching']} batching"
-               + (f": {prev['server_batches']} batches of {prev['batch_sizes']} rows" if "batch_sizes" in prev
-                  else f", {prev['prefills']} batches" if prev["batching"] == "request-level" else "")
-               + (f", served from {prev['server_root']}" if prev.get("server_root") else "")
-               + f"; load average then {prev['load_average_before']})."]
+    if hist:
+        md += ["", "Rows above the last: earlier results of this file with the same settings (request-level: the "
+               "scheduler from before continuous batching; served from another checkout: run back to back with "
+               "this one). The machine is shared, so compare runs made back to back."]
     if res["errors"]:
         md += ["", "Errors: " + "; ".join(res["errors"])]
-    res["previous"] = prev
+    res["history"] = hist
     for suffix, text in ((".md", "\n".join(md) + "\n"), (".json", json.dumps(res, indent=2))):
         tmp = out.with_suffix(suffix + ".partial")
         tmp.write_text(text)
