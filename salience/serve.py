@@ -16,8 +16,9 @@ holds one job's sequence from slot 0 (Runner.open/join/step/leave in engine/gene
 the loop (Scheduler.tick):
   1. the oldest waiting jobs that fit take free rows and are prefilled into them together (one
      right-padded forward of at most PREFILL_TOKENS tokens);
-  2. every running row decodes one token: one forward over rows 0..n-1 (n: the highest running row + 1;
-     free rows below it run as dummies), each row writing and attending to its own slots;
+  2. every running row decodes one token: one forward over rows 0..n-1, each row writing and attending
+     to its own slots (the running rows are kept at the bottom of the cache: when a row below the top one
+     frees, the top one's K/V moves into it);
   3. each row samples with its own job's settings (temperature, top_p, top_k and repetition penalty as
      per-row tensors; a generator per row seeded by the request's seed, so that what a row samples does
      not depend on the rows beside it), streams its text, and a row that ends (EOS, stop string,
@@ -359,6 +360,7 @@ class Scheduler:
         self.batches = 0  # prefill forwards (jobs that join at one step prefill together)
         self.sizes: list[int] = []  # rows of the last prefills
         self.steps = self.row_steps = 0  # decode steps, and rows decoded summed over them
+        self.moves = 0  # rows moved down into free rows
         self.thread = None
         if start:
             self.thread = threading.Thread(target=self._loop, name="salience-scheduler", daemon=True)
@@ -506,12 +508,30 @@ class Scheduler:
         self._emit(rows, self._sample(logits, rows))
 
     def _step(self):
+        self._compact()
         live = [r for r, x in enumerate(self.running) if x is not None]
-        n = live[-1] + 1  # rows 0..n-1 decode (free ones among them as dummies)
+        n = live[-1] + 1  # rows 0..n-1 decode: the running ones (_compact)
         logits = self.engine.runner.step(self.tok[:n])  # [n, V]
         self.steps, self.row_steps = self.steps + 1, self.row_steps + len(live)
         toks = self._sample(logits, list(range(n)))
         self._emit(live, [toks[r] for r in live])
+
+    def _compact(self):
+        """Move the highest running rows into the free rows below them, so that a step runs only running
+        rows (one copy of a row's K/V, cheap next to a step)."""
+        r = self.engine.runner
+        while True:
+            live = [i for i, x in enumerate(self.running) if x is not None]
+            free = [i for i, x in enumerate(self.running) if x is None and live and i < live[-1]]
+            if not free:
+                return
+            src, dst = live[-1], free[0]
+            r.move(src, dst)
+            self.moves += 1
+            self.running[dst], self.running[src] = self.running[src], None
+            self.tok[dst] = self.tok[src]
+            if self.seen is not None:
+                self.seen[dst] = self.seen[src]
 
     def _sample(self, logits, rows: list[int]) -> list[int]:
         """Tokens of `rows` from their logits [R, V], each row with its own job's settings and generator."""
@@ -626,7 +646,7 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
         rows, slots = sched.shape or (0, 0)
         return {"status": "ok", "model": name, "rows": sched.rows, "running": sched.live(),
                 "waiting": len(sched.waiting), "joined_running": sched.joined, "steps": sched.steps,
-                "row_steps": sched.row_steps, "batches": sched.batches, "last_batch_sizes": sched.sizes,
+                "row_steps": sched.row_steps, "moved_rows": sched.moves, "batches": sched.batches, "last_batch_sizes": sched.sizes,
                 "cache_rows": rows, "cache_slots": slots}
 
     @app.get("/v1/models")

@@ -400,6 +400,7 @@ def _continuous_equals_alone(eng, prompts, n_tokens, settings, schedules):
             ref = eng.generate([q], SamplingParams(max_new_tokens=n, repetition_penalty=kw.get(
                 "repetition_penalty", 1.0)))[0]
             assert (alone[-1][0], alone[-1][2]) == (ref.text, len(ref.token_ids))
+    moves = 0
     for arrive, max_batch in schedules:
         jobs = [_job(eng, q, n, **kw) for q, n, kw in zip(prompts, n_tokens, settings)]
         s = _drive(eng, [(a, j) for a, (j, _) in zip(arrive, jobs)], max_batch=max_batch)
@@ -407,6 +408,8 @@ def _continuous_equals_alone(eng, prompts, n_tokens, settings, schedules):
         assert s.row_steps > s.steps  # rows shared decode steps
         if len(set(arrive)) > 1:
             assert s.joined > 0  # some joined rows that were decoding
+        moves += s.moves
+    assert moves > 0  # some rows moved down into rows freed below them
 
 
 def test_continuous_batching_equals_alone_tiny():
@@ -422,6 +425,20 @@ def test_continuous_batching_equals_alone_tiny():
                              [([0, 0, 3, 4, 4, 9], 3), ([0, 2, 2, 5, 11, 11], 8), ([0] * 6, 8)])
 
 
+def test_continuous_batching_transformers_fallback(tmp_path):
+    """An architecture without an engine entry (phi3: the transformers model, rows decoded one at a time)
+    goes through the same loop, with the same outputs as alone."""
+    from salience.engine import load
+
+    tiny_model("phi3").save_pretrained(tmp_path / "phi3")
+    tiny_tokenizer().save_pretrained(tmp_path / "phi3")
+    eng = load(str(tmp_path / "phi3"), device="cpu", dtype="float32", quiet=True)
+    assert eng.kind == "transformers"
+    eng.eos = set()
+    prompts = [eng.encode(t) for t in ["the quick brown fox", "over", "the sun sets slowly", "birds sing"]]
+    _continuous_equals_alone(eng, prompts, [6, 3, 5, 7], SETTINGS[:4], [([0, 0, 0, 2], 3)])
+
+
 @pytest.mark.slow
 def test_continuous_batching_equals_alone_smollm2():
     """The real SmolLM2-135M (fp32, CPU): four greedy requests joining at different steps, each == alone."""
@@ -430,7 +447,8 @@ def test_continuous_batching_equals_alone_smollm2():
     eng = load("smollm2", device="cpu", dtype="float32")
     prompts = [eng.encode(t) for t in ["The capital of France is", "Once upon a time, in a small village,",
                                        "def fibonacci(n):", "The three most important things to know about"]]
-    _continuous_equals_alone(eng, prompts, [10, 14, 8, 12], [{"temperature": 0.0}] * 4, [([0, 0, 3, 6], 3)])
+    _continuous_equals_alone(eng, prompts, [10, 14, 8, 12], [{"temperature": 0.0}] * 4, [([0, 0, 3, 6], 3),
+                                                                                          ([0, 0, 0, 2], 3)])
 
 
 def test_request_joins_a_running_stream(server, client):

@@ -297,7 +297,8 @@ class Runner:
     @torch.inference_mode()
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok [n] (on the device): the next token of rows 0..n-1 -> logits [n, V]. Row b writes slot
-        row_pos[b] and attends to slots 0..row_pos[b]; then live rows advance and free rows stay at slot 0.
+        row_pos[b] and attends to slots 0..row_pos[b]; then live rows advance and free rows stay at slot 0
+        (free rows below n run as dummies: move() live rows down to avoid them).
         Attention reads only slots < kv_len = the longest live row + 1 (on GPU rounded up to a bucket): the
         cache's unused tail would otherwise cost as much bandwidth as it is long."""
         self._check_open()
@@ -322,6 +323,22 @@ class Runner:
         self.live[row] = 0
         self.row_pos[row] = 0
         self.row_len[row] = None
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int):
+        """Move the sequence of row src to free row dst (the K/V of its slots, its position); src is free
+        then. Keeps the live rows at the bottom of the cache, so that step() runs no free rows."""
+        n = self.row_len[src]
+        if n is None or self.row_len[dst] is not None:
+            raise ValueError(f"move: row {src} is free or row {dst} is taken")
+        for layer in self.model.layers:
+            a = layer.attn
+            a.k_cache[dst, :, :n] = a.k_cache[src, :, :n]  # [Hkv, n, D]
+            a.v_cache[dst, :, :n] = a.v_cache[src, :, :n]
+        self.row_pos[dst] = self.row_pos[src]
+        self.live[dst] = 1
+        self.row_len[dst] = n
+        self.leave(src)
 
     def buckets(self) -> tuple[list[int], list[int]]:
         """The CUDA graphs of step(): row counts (powers of two, and all rows) x attended spans (powers of
@@ -415,6 +432,9 @@ class HFRunner:
 
     def leave(self, row: int):
         self.row_runners[row] = None
+
+    def move(self, src: int, dst: int):
+        self.row_runners[dst], self.row_runners[src] = self.row_runners[src], None
 
     def warm(self):
         pass
