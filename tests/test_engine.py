@@ -344,7 +344,7 @@ def _continuous(r, prompts, arrivals, n_tokens, rows=2, slots=64, compact=False)
     r.open(rows, slots)
     who = [None] * rows  # row -> prompt index
     out = [[] for _ in prompts]
-    queue, step, tok = [], 0, torch.zeros(rows, dtype=torch.long)
+    queue, step, tok = [], 0, torch.zeros(rows, dtype=torch.long, device=r.device)
     while len(queue) + sum(w is not None for w in who) or step <= max(arrivals):
         queue += [i for i, a in enumerate(arrivals) if a == step]
         joins = []
