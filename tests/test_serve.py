@@ -466,3 +466,17 @@ def test_request_joins_a_running_stream(server, client):
     after = _get(server[0] + "/health")[1]
     assert short.choices[0].text == short_ref.choices[0].text and text == long_ref.choices[0].text
     assert after["joined_running"] > before["joined_running"]
+
+
+def test_load_test_in_process_smoke(tmp_path):
+    """benchmarks/serve.py's GPU mode (the Scheduler in process, a random-weight W4 model built on the
+    device) on the CPU with the tiny shape: it runs, nothing fails, the scheduler counts are reported."""
+    out = tmp_path / "serve"
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "serve.py"), "--in-process",
+                        "--random", "tiny", "--device", "cpu", "--requests", "12", "--clients", "4",
+                        "--new-tokens", "6", "--vary", "--kv-tokens", "4096", "--timeout", "120", "--out",
+                        str(out)], capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["failed"] == 0 and res["tokens"] > 0 and res["decode_steps"] > 0 and res["batching"] == "continuous"
