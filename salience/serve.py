@@ -455,8 +455,9 @@ class Scheduler:
                 # until none has come for one window (at most 5 windows; not when they fill the rows) so
                 # that they prefill together. A running loop takes arrivals at its next step instead.
                 first = time.monotonic()
-                while not self.stopping and not self.live() and len(self.waiting) < self.max_batch \
-                        and first - self.waiting[0].since < self.window and time.monotonic() - first < 5 * self.window:
+                while (not self.stopping and not self.live() and len(self.waiting) < self.max_batch
+                       and first - self.waiting[0].since < self.window
+                       and time.monotonic() - first < 5 * self.window):
                     quiet = self.waiting[-1].since + self.window - time.monotonic()
                     if quiet <= 0:
                         break

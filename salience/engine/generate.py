@@ -8,7 +8,10 @@ Layers, top to bottom:
 
 A runner has: reset(batch, max_seq), prefill(ids [B, T], start [B]) -> logits [B, V] of the last
 position, decode(tok [B]) -> logits [B, V]. Prompts of different lengths are left-padded; start[b] is the
-number of pad slots of row b.
+number of pad slots of row b. For continuous batching (salience serve) it also has rows that sequences
+join and leave one by one: open(rows, slots), join(rows, prompts) -> logits [R, V], step(tok [n]) ->
+logits [n, V] of rows 0..n-1, leave(row), move(src, dst), warm(); sampling then takes per-row settings
+(RowParams) and one generator per row.
 """
 
 from __future__ import annotations
@@ -424,10 +427,12 @@ class HFRunner:
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok [n] -> logits [n, V]; free rows get zeros."""
-        out = torch.zeros(tok.shape[0], _vocab(self), device=self.device)
-        for r, one in enumerate(self.row_runners[: tok.shape[0]]):
-            if one is not None:
-                out[r] = one.decode(tok[r:r + 1])[0]
+        got = {r: one.decode(tok[r:r + 1])[0] for r, one in enumerate(self.row_runners[: tok.shape[0]])
+               if one is not None}
+        v = next(iter(got.values())).shape[-1] if got else _vocab(self)  # the logits' width, maybe > vocab
+        out = torch.zeros(tok.shape[0], v, device=self.device)
+        for r, x in got.items():
+            out[r] = x
         return out
 
     def leave(self, row: int):
