@@ -390,8 +390,8 @@ def build_parser():
     s.add_argument("--max-batch", type=int, default=32,
                    help="rows of the decode loop: requests that decode together (default 32)")
     s.add_argument("--kv-tokens", type=int, default=1 << 16,
-                   help="KV-cache budget, rows x slots (default 65536: 32 rows of 2048 tokens; a request that "
-                   "needs longer rows gets fewer of them)")
+                   help="KV cache, rows x slots, allocated at start (default 65536: 32 rows of 2048 tokens; a "
+                   "request that needs longer rows gets fewer of them)")
     s.add_argument("--batch-window-ms", type=float, default=20,
                    help="after a request arrives at an idle server, wait this long for others to batch with it")
     s.add_argument("--log-requests", action="store_true", help="uvicorn's access log")

@@ -445,7 +445,8 @@ class Scheduler:
                 self.running = [None] * self.shape[0]
             self._open(self.shape)
         except Exception as e:  # noqa: BLE001 - reported; the first request tries again
-            print(f"salience serve: opening the KV cache failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"salience serve: opening the KV cache ({self.shape[0]} rows x {self.shape[1]} slots) failed: "
+                  f"{type(e).__name__}: {e} (a smaller --kv-tokens needs less memory)", file=sys.stderr)
             self.shape = None
         while True:
             with self.cv:
