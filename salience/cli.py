@@ -387,9 +387,11 @@ def build_parser():
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SALIENCE_API_KEY, else none)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the folder/file name)")
-    s.add_argument("--max-batch", type=int, default=32, help="rows per batch (default 32)")
+    s.add_argument("--max-batch", type=int, default=32,
+                   help="rows of the decode loop: requests that decode together (default 32)")
     s.add_argument("--kv-tokens", type=int, default=1 << 16,
-                   help="KV-cache budget of one batch, rows x (prompt + new tokens) (default 65536)")
+                   help="KV cache, rows x slots, allocated at start (default 65536: 32 rows of 2048 tokens; a "
+                   "request that needs longer rows gets fewer of them)")
     s.add_argument("--batch-window-ms", type=float, default=20,
                    help="after a request arrives at an idle server, wait this long for others to batch with it")
     s.add_argument("--log-requests", action="store_true", help="uvicorn's access log")

@@ -6,17 +6,36 @@ server-sent events, `data: {...}\\n\\n` ... `data: [DONE]\\n\\n`), GET /health. 
 
 Layers, top to bottom:
     parse_request   bytes -> Request, or RequestError (pure: no model, no tokenizer; fuzzed)
-    prepare         Request -> Jobs (token ids, per-request limits checked against the context)
-    Scheduler       one thread owns the engine: it takes the waiting jobs that can share a batch (same
-                    sampling settings, within --max-batch and the KV budget) and runs them through the
-                    engine's token loop as one left-padded batch, streaming each row's text as it comes
+    prepare         Request -> Jobs (token ids, per-request limits checked against the context, sampling)
+    Scheduler       one thread owns the engine and runs the decode loop, with continuous batching (below),
+                    streaming each row's text as it comes
     make_app        the routes, the API key check, SSE framing
 
-Batching is request-level, not continuous: the engine's static KV cache writes one shared slot per step
-for all rows (rows differ only by their left padding), so a row cannot join a running batch. Requests
-that arrive while a batch runs wait for it and then go together as the next batch; rows that finish
-early (EOS, stop string, their own max_tokens) stop streaming at once and the batch ends when all rows
-have finished.
+Batching is continuous. The engine's KV cache is a static block of [rows, slots] per layer, and each row
+holds one job's sequence from slot 0 (Runner.open/join/step/leave in engine/generate.py). One round of
+the loop (Scheduler.tick):
+  1. the oldest waiting jobs that fit take free rows and are prefilled into them together (one
+     right-padded forward of at most PREFILL_TOKENS tokens);
+  2. every running row decodes one token: one forward over rows 0..n-1, each row writing and attending
+     to its own slots (the running rows are kept at the bottom of the cache: when a row below the top one
+     frees, the top one's K/V moves into it);
+  3. each row samples with its own job's settings (temperature, top_p, top_k and repetition penalty as
+     per-row tensors; a generator per row seeded by the request's seed, so that what a row samples does
+     not depend on the rows beside it), streams its text, and a row that ends (EOS, stop string,
+     max_tokens, client gone) is freed at once for the next waiting job.
+So a request that arrives while others decode starts at the next step, and requests with different
+sampling settings share steps. A row's greedy output is that of its request run alone (tests).
+
+Cache shape: rows of kv_tokens / max_batch slots (at most the model's context), as many rows as
+--kv-tokens allows up to --max-batch (default 32 x 2048). A job that needs a longer row (prompt +
+max_tokens; chat without max_tokens needs the whole context) waits, with every job behind it, until the
+running rows finish; then the cache re-opens with fewer, longer rows, and an idle server goes back to
+the default shape. The decode step has fixed shapes per bucket: on GPU, CUDA graphs for 1, 2, 4, ... rows
+(up to all rows) x attended spans of 256, 512, ... slots (up to all slots), captured when the cache
+opens; on CPU each step runs exactly n rows and the span of the longest row. An idle server first
+collects requests that arrive together (--batch-window-ms) so that they prefill in one forward. The
+transformers fallback (architectures without an engine entry) runs the same loop but decodes its rows
+one at a time.
 """
 
 import asyncio
@@ -230,18 +249,33 @@ def parse_request(kind: str, raw: bytes, models: set[str]) -> Request:
 
 # ---- jobs and the scheduler
 
+PREFILL_TOKENS = 8192  # padded prompt tokens of one prefill forward (rows x their longest prompt)
+
+
 @dataclass
 class Job:
-    """One choice of one request: a row of a batch."""
+    """One choice of one request: one row of the decode loop while it runs."""
     ids: list
-    max_tokens: int  # for a `fill` job: the most it may get, alone
-    key: tuple  # the sampling settings; only jobs with equal keys share a batch
+    max_tokens: int
+    sampling: object  # engine SamplingParams (max_new_tokens = max_tokens; a seed always set)
     stop: list
     index: int
     out: "Channel"
     cancelled: bool = False
     since: float = field(default_factory=time.monotonic)  # when it was queued
-    fill: bool = False  # no max_tokens given (chat): up to the context, which the batch's longest prompt sets
+
+    @property
+    def need(self) -> int:
+        """Cache slots of its row: the prompt and the new tokens (the last one is never fed back: one spare)."""
+        return len(self.ids) + self.max_tokens
+
+
+@dataclass
+class Row:
+    """A running job: its text so far (stop strings) and its sampling generator (None: greedy)."""
+    job: Job
+    trim: object  # StopTrimmer
+    gen: object  # torch.Generator | None
 
 
 class Channel:
@@ -262,6 +296,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
     """Token ids per choice, checked against the context; RequestError when they do not fit."""
     from jinja2 import TemplateError
 
+    from .engine import SamplingParams
     from .engine.generate import _vocab
 
     max_pos = engine.runner.max_pos
@@ -278,9 +313,6 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
         else:
             rows = [q if isinstance(q, list) else engine.encode(q) for q in r.prompts]
     param = "messages" if r.kind == "chat" else "prompt"
-    # greedy ignores top_p/top_k/seed: all greedy requests with one repetition penalty share a batch
-    key = (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.seed) if r.temperature > 0 else \
-        (0.0, 1.0, 0, r.repetition_penalty, 0)
     jobs = []
     for i, ids in enumerate(rows):
         if not ids:
@@ -290,8 +322,7 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
             raise RequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param,
                                code="invalid_value")
         n = r.max_tokens
-        fill = n is None and r.kind == "chat"
-        if n is None:
+        if n is None:  # completions: OpenAI's 16; chat: the rest of the context
             n = 16 if r.kind == "completion" else max_pos - len(ids)
         if len(ids) + n > max_pos:
             raise RequestError(f"this model's maximum context length is {max_pos} tokens; the request has "
@@ -300,25 +331,40 @@ def prepare(r: Request, engine, out: Channel, lock: threading.Lock) -> list[Job]
         if n < 1:
             raise RequestError(f"the prompt ({len(ids)} tokens) leaves no room in the {max_pos}-token context",
                                param=param, code="context_length_exceeded")
-        jobs.append(Job(ids, n, key, r.stop, i, out, fill=fill))
+        # no seed: a random one per choice (each row samples from its own generator)
+        seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        p = SamplingParams(max_new_tokens=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                           repetition_penalty=r.repetition_penalty, seed=seed)
+        jobs.append(Job(ids, n, p, r.stop, i, out))
     return jobs
 
 
 class Scheduler:
-    """Owns the engine. One thread: take the waiting jobs that can share a batch, run them, repeat."""
+    """Owns the engine. One thread runs the decode loop over the rows of the engine's KV cache: at every
+    step, waiting jobs join free rows, then all running rows decode one token (module docstring)."""
 
-    def __init__(self, engine, max_batch: int = 32, kv_tokens: int = 1 << 16, window_ms: float = 20):
+    def __init__(self, engine, max_batch: int = 32, kv_tokens: int = 1 << 16, window_ms: float = 20,
+                 start: bool = True):
         self.engine, self.max_batch, self.kv_tokens = engine, max_batch, kv_tokens
-        self.window = window_ms / 1000  # after the first arrival, wait this long for others to join
+        self.window = window_ms / 1000  # an idle server waits this long after an arrival for others to join
         self.lock = threading.Lock()  # the tokenizer: encode on request threads, decode here
         self.waiting: list[Job] = []
         self.cv = threading.Condition()
         self.stopping = False
-        self.batches = 0  # counters for /health and the benchmark
-        self.rows = 0
-        self.sizes: list[int] = []  # rows of the last batches
-        self.thread = threading.Thread(target=self._loop, name="salience-scheduler", daemon=True)
-        self.thread.start()
+        self.shape: tuple[int, int] | None = None  # (rows, slots) of the open cache
+        self.running: list[Row | None] = []  # per cache row
+        self.tok = self.seen = None  # [rows] last token per row, [rows, V] bool seen tokens (penalty)
+        # counters for /health and the benchmark
+        self.rows = 0  # jobs started
+        self.joined = 0  # of them, jobs that joined while other rows were decoding
+        self.batches = 0  # prefill forwards (jobs that join at one step prefill together)
+        self.sizes: list[int] = []  # rows of the last prefills
+        self.steps = self.row_steps = 0  # decode steps, and rows decoded summed over them
+        self.moves = 0  # rows moved down into free rows
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self._loop, name="salience-scheduler", daemon=True)
+            self.thread.start()
 
     def submit(self, jobs: list[Job]):
         with self.cv:
@@ -329,107 +375,222 @@ class Scheduler:
         with self.cv:
             self.stopping = True
             self.cv.notify()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
-    def _take(self) -> list[Job]:
-        """FIFO: the oldest job, then later ones with its key while the batch fits max_batch, the model's
-        positions and the KV budget (rows x slots)."""
-        max_pos = self.engine.runner.max_pos
+    def live(self) -> int:
+        return sum(x is not None for x in self.running)
 
-        def need(lo, nw, fill):  # slots per row: a `fill` job stretches the batch to the whole context
-            return max_pos if fill else lo + nw
+    def _shape(self, need: int) -> tuple[int, int]:
+        """(rows, slots) of a cache for jobs of up to `need` slots: rows of kv_tokens / max_batch slots or
+        longer if `need` is (rounded up to 256), at most the model's positions; as many rows as the KV
+        budget allows, at most max_batch and at least 1 (one job always runs)."""
+        slots = min(self.engine.runner.max_pos, max(self.kv_tokens // self.max_batch, -(-need // 256) * 256))
+        return max(1, min(self.max_batch, self.kv_tokens // slots)), slots
 
-        first, rest = self.waiting[0], self.waiting[1:]
-        batch, longest, new, fill = [first], len(first.ids), 0 if first.fill else first.max_tokens, first.fill
-        keep = []
-        for j in rest:
-            lo, nw, fl = max(longest, len(j.ids)), max(new, 0 if j.fill else j.max_tokens), fill or j.fill
-            if (j.key == first.key and len(batch) < self.max_batch and lo + nw <= max_pos and lo < max_pos
-                    and (len(batch) + 1) * need(lo, nw, fl) <= self.kv_tokens):
-                batch.append(j)
-                longest, new, fill = lo, nw, fl
-            else:
-                keep.append(j)
-        self.waiting = keep
-        for j in batch:  # a fill job gets what the batch's longest prompt leaves of the context
-            if j.fill:
-                j.max_tokens = max_pos - longest
-        return batch
+    def _admit(self) -> tuple[tuple[int, int] | None, list[tuple[int, Job]]]:
+        """(Under self.cv.) FIFO: the oldest waiting jobs take free rows while they fit a row's slots.
+        -> (the cache shape to open first, or None; [(row, job)]). With no row running, the cache takes the
+        shape the oldest job needs (the default, unless it needs longer rows); while rows run, a job that
+        needs longer rows than the cache has waits until they have finished, and so does every job behind
+        it (nothing overtakes it)."""
+        self.waiting = [j for j in self.waiting if not j.cancelled]
+        if not self.waiting:
+            return None, []
+        reopen = None
+        if not self.live():
+            shape = self._shape(self.waiting[0].need)
+            if shape != self.shape:
+                reopen = self.shape = shape
+                self.running = [None] * shape[0]
+        rows, slots = self.shape
+        free = [r for r in range(rows) if self.running[r] is None]
+        busy = len(free) < rows
+        joins = []
+        while self.waiting and free and self.waiting[0].need <= slots:
+            joins.append((free.pop(0), self.waiting.pop(0)))
+        for r, j in joins:  # the row is theirs from now on (_join adds the text and generator)
+            self.running[r] = Row(j, None, None)
+        self.rows += len(joins)
+        self.joined += len(joins) if busy else 0
+        return reopen, joins
+
+    def tick(self) -> bool:
+        """One round of the decode loop (the thread calls it while there is work; tests call it directly):
+        the waiting jobs that fit join free rows (prefilled together), then every running row decodes one
+        token. A failure ends every running job with an error and re-opens the cache. -> whether any row
+        ran."""
+        with self.cv:
+            reopen, joins = self._admit()
+        try:
+            if reopen:
+                self._open(reopen)
+            if joins:
+                self._join(joins)
+            if self.live():
+                self._step()
+        except Exception as e:  # noqa: BLE001 - a failed step must not take the server down
+            failed = [x.job for x in self.running if x is not None]
+            print(f"salience serve: a step of {len(failed)} rows failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            for j in failed:
+                j.out.put("error", f"generation failed: {type(e).__name__}: {e}")
+            self.running, self.shape = [None] * len(self.running), None  # open a fresh cache next time
+        return bool(joins) or self.live() > 0
 
     def _loop(self):
+        try:  # the default cache now (GPU: its decode graphs too), not when the first request comes
+            with self.cv:
+                self.shape = self._shape(0)
+                self.running = [None] * self.shape[0]
+            self._open(self.shape)
+        except Exception as e:  # noqa: BLE001 - reported; the first request tries again
+            print(f"salience serve: opening the KV cache ({self.shape[0]} rows x {self.shape[1]} slots) failed: "
+                  f"{type(e).__name__}: {e} (a smaller --kv-tokens needs less memory)", file=sys.stderr)
+            self.shape = None
         while True:
             with self.cv:
-                while not self.waiting and not self.stopping:
+                while not self.waiting and not self.live() and not self.stopping:
                     self.cv.wait()
-                # requests sent together arrive spread over some milliseconds: collect them until none has
-                # come for one window (at most 5 windows; not when the batch is full, nor for jobs that
-                # already waited through a batch)
+                # an idle server: requests sent together arrive spread over some milliseconds, collect them
+                # until none has come for one window (at most 5 windows; not when they fill the rows) so
+                # that they prefill together. A running loop takes arrivals at its next step instead.
                 first = time.monotonic()
-                while not self.stopping and len(self.waiting) < self.max_batch and first - self.waiting[0].since \
-                        < self.window and time.monotonic() - first < 5 * self.window:
+                while (not self.stopping and not self.live() and len(self.waiting) < self.max_batch
+                       and first - self.waiting[0].since < self.window
+                       and time.monotonic() - first < 5 * self.window):
                     quiet = self.waiting[-1].since + self.window - time.monotonic()
                     if quiet <= 0:
                         break
                     self.cv.wait(timeout=quiet)
                 if self.stopping:
                     return
-                batch = self._take()
-            batch = [j for j in batch if not j.cancelled]
-            if not batch:
-                continue
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 - a failed batch must not take the server down
-                print(f"salience serve: batch of {len(batch)} failed: {type(e).__name__}: {e}", file=sys.stderr)
-                for j in batch:
-                    j.out.put("error", f"generation failed: {type(e).__name__}: {e}")
+            self.tick()
 
-    def _run(self, batch: list[Job]):
+    def _open(self, shape: tuple[int, int]):
+        import torch
+
+        rows, slots = shape
+        r = self.engine.runner
+        r.open(rows, slots)
+        r.warm()
+        self.tok = torch.zeros(rows, dtype=torch.long, device=r.device)
+        self.seen = None
+
+    def _join(self, joins: list[tuple[int, Job]]):
+        import torch
+
+        from .engine.generate import StopTrimmer, _vocab
+
+        eng, dev = self.engine, self.engine.runner.device
+        for row, j in joins:
+            p = j.sampling
+            x = self.running[row]
+            x.trim = StopTrimmer(eng.tok, j.stop)
+            x.gen = torch.Generator(device=dev).manual_seed(p.seed) if p.temperature > 0 else None
+            if p.repetition_penalty != 1.0:
+                if self.seen is None:
+                    self.seen = torch.zeros(len(self.running), _vocab(eng.runner), dtype=torch.bool, device=dev)
+                self.seen[row] = False
+                self.seen[row, torch.tensor(j.ids, device=dev)] = True
+        group: list[tuple[int, Job]] = []
+        for row, j in joins:  # prefill groups of at most PREFILL_TOKENS padded tokens
+            longest = max([len(j.ids)] + [len(g.ids) for _, g in group])
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append((row, j))
+        self._prefill(group)
+
+    def _prefill(self, group: list[tuple[int, Job]]):
+        rows = [r for r, _ in group]
+        logits = self.engine.runner.join(rows, [j.ids for _, j in group])  # [R, V]
+        self.batches += 1
+        self.sizes = (self.sizes + [len(group)])[-64:]
+        self._emit(rows, self._sample(logits, rows))
+
+    def _step(self):
+        self._compact()
+        live = [r for r, x in enumerate(self.running) if x is not None]
+        n = live[-1] + 1  # rows 0..n-1 decode: the running ones (_compact)
+        logits = self.engine.runner.step(self.tok[:n])  # [n, V]
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + len(live)
+        toks = self._sample(logits, list(range(n)))
+        self._emit(live, [toks[r] for r in live])
+
+    def _compact(self):
+        """Move the highest running rows into the free rows below them, so that a step runs only running
+        rows (one copy of a row's K/V, cheap next to a step)."""
+        r = self.engine.runner
+        while True:
+            live = [i for i, x in enumerate(self.running) if x is not None]
+            free = [i for i, x in enumerate(self.running) if x is None and live and i < live[-1]]
+            if not free:
+                return
+            src, dst = live[-1], free[0]
+            r.move(src, dst)
+            self.moves += 1
+            self.running[dst], self.running[src] = self.running[src], None
+            self.tok[dst] = self.tok[src]
+            if self.seen is not None:
+                self.seen[dst] = self.seen[src]
+
+    def _sample(self, logits, rows: list[int]) -> list[int]:
+        """Tokens of `rows` from their logits [R, V], each row with its own job's settings and generator."""
+        import torch
+
         from .engine import SamplingParams
-        from .engine.generate import StopTrimmer, steps
+        from .engine.generate import RowParams, sample
 
-        eng = self.engine
-        t, top_p, top_k, rp, seed = batch[0].key
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        p = SamplingParams(max_new_tokens=max(j.max_tokens for j in batch), temperature=t, top_p=top_p,
-                           top_k=top_k, repetition_penalty=rp, seed=seed)
-        trims = [StopTrimmer(eng.tok, j.stop) for j in batch]
-        left = set(range(len(batch)))
-        self.batches, self.rows = self.batches + 1, self.rows + len(batch)
-        self.sizes = (self.sizes + [len(batch)])[-64:]
+        run = [self.running[r] for r in rows]
+        params = RowParams.of([x.job.sampling if x else SamplingParams() for x in run], logits.shape[-1],
+                              logits.device)
+        idx = torch.tensor(rows, device=logits.device)
+        seen = self.seen[idx] if self.seen is not None and params.use_penalty else None
+        tok = sample(logits, params, seen, [x.gen if x else None for x in run])
+        if self.seen is not None:
+            self.seen[idx, tok] = True
+        self.tok[idx] = tok
+        return tok.tolist()
 
-        def finish(i, reason):
-            with self.lock:
-                piece = trims[i].feed(None)
-            if piece:
-                batch[i].out.put("text", batch[i].index, piece)
-            batch[i].out.put("end", batch[i].index, reason, len(trims[i].ids))
-            left.discard(i)
+    def _emit(self, rows: list[int], toks: list[int]):
+        """Stream each row's new text; end the rows that hit EOS, a stop string or max_tokens, or whose
+        client went away."""
+        eos = self.engine.eos
+        with self.lock:
+            pieces = {}
+            for r, t in zip(rows, toks):
+                x = self.running[r]
+                if x.job.cancelled:
+                    self._free(r)
+                elif t not in eos:
+                    pieces[r] = x.trim.feed(t)
+        for r in rows:
+            x = self.running[r]
+            if x is None:  # cancelled
+                continue
+            if r not in pieces:  # EOS
+                self._finish(r, "stop")
+                continue
+            if pieces[r]:
+                x.job.out.put("text", x.job.index, pieces[r])
+            if x.trim.stopped:
+                self._finish(r, "stop")
+            elif len(x.trim.ids) >= x.job.max_tokens:
+                self._finish(r, "length")
 
-        for tok, done in steps(eng.runner, [j.ids for j in batch], p, eng.eos):
-            toks, dones = tok.tolist(), done.tolist()
-            with self.lock:
-                pieces = {}
-                for i in list(left):
-                    if batch[i].cancelled:
-                        left.discard(i)
-                    elif not (dones[i] and toks[i] in eng.eos):
-                        pieces[i] = trims[i].feed(toks[i])
-            for i in list(left):
-                if i not in pieces:  # EOS
-                    finish(i, "stop")
-                    continue
-                if pieces[i]:
-                    batch[i].out.put("text", batch[i].index, pieces[i])
-                if trims[i].stopped:
-                    finish(i, "stop")
-                elif len(trims[i].ids) >= batch[i].max_tokens:
-                    finish(i, "length")
-            if not left:
-                break
-        for i in list(left):  # only reached if the loop ran out first (it should not)
-            finish(i, "length")
+    def _finish(self, r: int, reason: str):
+        x = self.running[r]
+        with self.lock:
+            piece = x.trim.feed(None)
+        if piece:
+            x.job.out.put("text", x.job.index, piece)
+        x.job.out.put("end", x.job.index, reason, len(x.trim.ids))
+        self._free(r)
+
+    def _free(self, r: int):
+        self.running[r] = None
+        self.engine.runner.leave(r)
 
 
 # ---- the HTTP app
@@ -484,8 +645,11 @@ def make_app(engine, name: str, api_key: str | None = None, max_batch: int = 32,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": sched.batches, "rows": sched.rows,
-                "last_batch_sizes": sched.sizes, "waiting": len(sched.waiting)}
+        rows, slots = sched.shape or (0, 0)
+        return {"status": "ok", "model": name, "rows": sched.rows, "running": sched.live(),
+                "waiting": len(sched.waiting), "joined_running": sched.joined, "steps": sched.steps,
+                "row_steps": sched.row_steps, "moved_rows": sched.moves, "batches": sched.batches, "last_batch_sizes": sched.sizes,
+                "cache_rows": rows, "cache_slots": slots}
 
     @app.get("/v1/models")
     async def models():

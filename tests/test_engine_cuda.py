@@ -94,3 +94,24 @@ def test_bench_smoke(tmp_path):
                 "--hf-static", "1x32", "--out", str(tmp_path / "d")])
     text = (tmp_path / "d.md").read_text()
     assert "engine-w4" in text and "hf-static" in text and "error" not in text.lower()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_continuous_batching_graphs(name):
+    """Continuous batching on the GPU: rows joining and leaving (moved down into freed rows), decoded
+    through CUDA graphs of row and span buckets == op by op == each prompt alone; warm() captures every
+    bucket."""
+    from test_engine import CB_PROMPTS, _continuous
+
+    e = from_hf_model(tiny_model(name), device="cuda", dtype=DTYPES[name])
+    n_tokens = [12, 5, 9, 14, 7]
+    eager = Runner(e, cuda_graph=False)
+    alone = [generate_ids(eager, [q], SamplingParams(max_new_tokens=n))[0] for q, n in zip(CB_PROMPTS, n_tokens)]
+    graph = Runner(e)
+    for rows, arrivals in [(3, [0, 0, 3, 4, 4]), (8, [0, 2, 2, 5, 11])]:
+        assert _continuous(eager, CB_PROMPTS, arrivals, n_tokens, rows, slots=300, compact=True) == alone
+        assert _continuous(graph, CB_PROMPTS, arrivals, n_tokens, rows, slots=300, compact=True) == alone
+        assert graph.row_graphs and graph.graphs
+    graph.open(6, 300)
+    graph.warm()
+    assert sorted(graph.row_graphs) == [(b, s) for b in (1, 2, 4, 6) for s in (256, 300)]

@@ -23,7 +23,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from salience import api
 from salience.quant import QuantConfig
-from salience.serve import RequestError, parse_request
+from salience.serve import Request, RequestError, parse_request
 
 KEY = "sk-test-123"
 NAME = "tiny-w4"
@@ -307,29 +307,176 @@ def test_chat_without_max_tokens_fills_the_context(client):
     assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 256
 
 
-def test_take_groups_by_key_and_fits_the_context():
-    """The scheduler's batch choice, without a thread: FIFO, same sampling key, positions and KV budget;
-    jobs without max_tokens (chat) share a batch and get what its longest prompt leaves."""
+def test_admit_fifo_rows_and_cache_shapes():
+    """The scheduler's admission, without a thread or a model: FIFO into free rows; a job that needs longer
+    rows than the cache has waits (with the jobs behind it) until the running rows end, then the cache
+    re-opens with fewer, longer rows; an idle server goes back to the default shape; cancelled jobs go."""
     from types import SimpleNamespace
 
+    from salience.engine import SamplingParams
     from salience.serve import Job, Scheduler
 
-    s = Scheduler.__new__(Scheduler)
-    s.engine = SimpleNamespace(runner=SimpleNamespace(max_pos=100))
-    s.max_batch, s.kv_tokens = 3, 10_000
-    greedy, hot = (0.0, 1.0, 0, 1.0, 0), (0.7, 1.0, 0, 1.0, None)
+    s = Scheduler(SimpleNamespace(runner=SimpleNamespace(max_pos=1024)), max_batch=4, kv_tokens=2048,
+                  start=False)
 
-    def job(n_prompt, n, key=greedy, fill=False):
-        return Job(list(range(1, n_prompt + 1)), n, key, [], 0, None, fill=fill)
+    def job(n_prompt, n):
+        return Job(list(range(1, n_prompt + 1)), n, SamplingParams(max_new_tokens=n), [], 0, None)
 
-    a, b, c, d, e = job(10, 20), job(30, 5, hot), job(50, 41), job(60, 10), job(5, 5)
-    s.waiting = [a, b, c, d, e]
-    assert [id(j) for j in s._take()] == [id(a), id(c), id(e)]  # b: other key; d: 60 + 41 > 100
-    assert [id(j) for j in s.waiting] == [id(b), id(d)]
-    f, g = job(10, 90, fill=True), job(40, 60, fill=True)
-    s.waiting = [f, g, job(20, 10)]
-    batch = s._take()
-    assert batch[:2] == [f, g] and f.max_tokens == g.max_tokens == 60  # 100 - the longest prompt (40)
-    s.kv_tokens = 150  # two rows of the whole context do not fit
-    s.waiting = [job(10, 90, fill=True), job(40, 60, fill=True)]
-    assert len(s._take()) == 1
+    def end_all():
+        s.running = [None] * len(s.running)
+
+    a, b, c = job(50, 50), job(300, 300), job(10, 10)
+    s.waiting = [a, b, c]
+    assert s._admit() == ((4, 512), [(0, a)])  # default: 4 rows of 2048 / 4 slots; b needs 600: waits
+    assert s._admit() == (None, []) and s.waiting == [b, c]  # c does not overtake b
+    end_all()
+    assert s._admit() == ((2, 768), [(0, b), (1, c)])  # 600 slots rounded up to 768: 2048 / 768 = 2 rows
+    end_all()
+    d = [job(10, 10) for _ in range(6)]
+    d[1].cancelled = True
+    s.waiting = list(d)
+    assert s._admit() == ((4, 512), [(0, d[0]), (1, d[2]), (2, d[3]), (3, d[4])])  # back to the default
+    assert s._admit() == (None, []) and s.waiting == [d[5]]  # every row taken
+    s.running[2] = None
+    assert s._admit() == (None, [(2, d[5])]) and s.joined == 1  # joins the running rows
+    assert s.rows == 8
+
+
+# ---- continuous batching, in process: the scheduler driven one tick (one decode step) at a time
+
+class Events:
+    """A Channel without an event loop: the scheduler's events of one request, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def put(self, *event):
+        self.events.append(event)
+
+    def result(self):
+        """-> (text, finish_reason, completion_tokens)."""
+        assert [e[0] for e in self.events].count("end") == 1 and self.events[-1][0] == "end", self.events
+        return "".join(e[2] for e in self.events if e[0] == "text"), self.events[-1][2], self.events[-1][3]
+
+
+def _job(eng, ids, n, **sampling):
+    from salience.serve import prepare
+
+    out = Events()
+    return prepare(Request("completion", "m", prompts=[ids], max_tokens=n, **sampling), eng, out,
+                   threading.Lock())[0], out
+
+
+def _drive(eng, arrivals, max_batch=8, kv_tokens=1 << 16):
+    """arrivals: [(tick, job)]: each job is submitted before that tick. -> the scheduler, once all ended."""
+    from salience.serve import Scheduler
+
+    s = Scheduler(eng, max_batch=max_batch, kv_tokens=kv_tokens, start=False)
+    t = 0
+    while t <= max(a for a, _ in arrivals) or s.waiting or s.live():
+        s.submit([j for a, j in arrivals if a == t])
+        s.tick()
+        t += 1
+    return s
+
+
+SETTINGS = [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.8, "seed": 5},
+            {"temperature": 0.0, "repetition_penalty": 1.5}, {"temperature": 1.2, "top_k": 7, "seed": 11},
+            {"temperature": 0.0}, {"temperature": 0.7, "seed": 3, "repetition_penalty": 1.3}]
+
+
+def _continuous_equals_alone(eng, prompts, n_tokens, settings, schedules):
+    """Each job's text, finish reason and token count from the scheduler with others joining and leaving
+    == from the scheduler alone; greedy ones also == Engine.generate (the token loop of `salience
+    generate`)."""
+    from salience.engine import SamplingParams
+
+    alone = []
+    for q, n, kw in zip(prompts, n_tokens, settings):
+        j, out = _job(eng, q, n, **kw)
+        _drive(eng, [(0, j)])
+        alone.append(out.result())
+        if kw.get("temperature") == 0:
+            ref = eng.generate([q], SamplingParams(max_new_tokens=n, repetition_penalty=kw.get(
+                "repetition_penalty", 1.0)))[0]
+            assert (alone[-1][0], alone[-1][2]) == (ref.text, len(ref.token_ids))
+    moves = 0
+    for arrive, max_batch in schedules:
+        jobs = [_job(eng, q, n, **kw) for q, n, kw in zip(prompts, n_tokens, settings)]
+        s = _drive(eng, [(a, j) for a, (j, _) in zip(arrive, jobs)], max_batch=max_batch)
+        assert [out.result() for _, out in jobs] == alone, (arrive, max_batch)
+        assert s.row_steps > s.steps  # rows shared decode steps
+        if len(set(arrive)) > 1:
+            assert s.joined > 0  # some joined rows that were decoding
+        moves += s.moves
+    assert moves > 0  # some rows moved down into rows freed below them
+
+
+def test_continuous_batching_equals_alone_tiny():
+    """Six requests of different prompt lengths and sampling settings (greedy, top-p, top-k, repetition
+    penalty) arriving at different steps, into 3 or 8 rows: each one's output equals that request alone."""
+    from salience.engine.generate import Engine, Runner
+    from salience.engine.weights import from_hf_model
+
+    eng = Engine(Runner(from_hf_model(tiny_model("llama"))), tiny_tokenizer(), "engine", eos=set())
+    prompts = [eng.encode(t) for t in ["the quick brown fox", "over", "the sun sets slowly over the quiet river",
+                                       "birds sing", "green hills where the sun", "the lazy dog and then it"]]
+    _continuous_equals_alone(eng, prompts, [12, 5, 9, 14, 7, 10], SETTINGS,
+                             [([0, 0, 3, 4, 4, 9], 3), ([0, 2, 2, 5, 11, 11], 8), ([0] * 6, 8)])
+
+
+def test_continuous_batching_transformers_fallback(tmp_path):
+    """An architecture without an engine entry (phi3: the transformers model, rows decoded one at a time)
+    goes through the same loop, with the same outputs as alone."""
+    from salience.engine import load
+
+    tiny_model("phi3").save_pretrained(tmp_path / "phi3")
+    tiny_tokenizer().save_pretrained(tmp_path / "phi3")
+    eng = load(str(tmp_path / "phi3"), device="cpu", dtype="float32", quiet=True)
+    assert eng.kind == "transformers"
+    eng.eos = set()
+    prompts = [eng.encode(t) for t in ["the quick brown fox", "over", "the sun sets slowly", "birds sing"]]
+    _continuous_equals_alone(eng, prompts, [6, 3, 5, 7], SETTINGS[:4], [([0, 0, 0, 2], 3)])
+
+
+@pytest.mark.slow
+def test_continuous_batching_equals_alone_smollm2():
+    """The real SmolLM2-135M (fp32, CPU): four greedy requests joining at different steps, each == alone."""
+    from salience.engine import load
+
+    eng = load("smollm2", device="cpu", dtype="float32")
+    prompts = [eng.encode(t) for t in ["The capital of France is", "Once upon a time, in a small village,",
+                                       "def fibonacci(n):", "The three most important things to know about"]]
+    _continuous_equals_alone(eng, prompts, [10, 14, 8, 12], [{"temperature": 0.0}] * 4, [([0, 0, 3, 6], 3),
+                                                                                          ([0, 0, 0, 2], 3)])
+
+
+def test_request_joins_a_running_stream(server, client):
+    """Through HTTP: a request sent while a long stream decodes joins its steps (/health's joined_running)
+    and gets the text it gets alone; the long stream is unaffected."""
+    long_ref = client.completions.create(model=NAME, prompt="the quick", max_tokens=200, temperature=0)
+    short_ref = client.completions.create(model=NAME, prompt="over the lazy dog", max_tokens=8, temperature=0)
+    assert long_ref.choices[0].finish_reason == "length"  # no EOS: it runs 200 steps
+    before = _get(server[0] + "/health")[1]
+    s = client.completions.create(model=NAME, prompt="the quick", max_tokens=200, temperature=0, stream=True)
+    it = iter(s)
+    text = next(it).choices[0].text
+    short = client.completions.create(model=NAME, prompt="over the lazy dog", max_tokens=8, temperature=0)
+    text += "".join(c.choices[0].text for c in it if c.choices)
+    after = _get(server[0] + "/health")[1]
+    assert short.choices[0].text == short_ref.choices[0].text and text == long_ref.choices[0].text
+    assert after["joined_running"] > before["joined_running"]
+
+
+def test_load_test_in_process_smoke(tmp_path):
+    """benchmarks/serve.py's GPU mode (the Scheduler in process, a random-weight W4 model built on the
+    device) on the CPU with the tiny shape: it runs, nothing fails, the scheduler counts are reported."""
+    out = tmp_path / "serve"
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "serve.py"), "--in-process",
+                        "--random", "tiny", "--device", "cpu", "--requests", "12", "--clients", "4",
+                        "--new-tokens", "6", "--vary", "--kv-tokens", "4096", "--timeout", "120", "--out",
+                        str(out)], capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["failed"] == 0 and res["tokens"] > 0 and res["decode_steps"] > 0 and res["batching"] == "continuous"

@@ -15,9 +15,14 @@ along the output dim: qweight [K, N/8], qzeros [G, N/8] and scales [G, N] all ke
 of 8). No re-quantization, bit-exact; the kernels' repack (salience.kernels.layout) then runs once on the
 fused tensors. Projections with different group sizes cannot be fused (never seen; refused clearly).
 
-KV cache: static [B, n_kv, S, head_dim] per layer; every row writes the same slot `input_pos`, prompts of
-different lengths are left-padded and row b ignores slots < start[b] (its RoPE position is slot - start).
-Decode (T = 1) has fixed shapes and no host syncs, so it can be captured in a CUDA graph (generate.py).
+KV cache: static [B, n_kv, S, head_dim] per layer, two ways of filling it:
+- one shared slot per step (`input_pos` [T]): every row writes the same slots, prompts of different
+  lengths are left-padded and row b ignores slots < start[b] (its RoPE position is slot - start);
+- per-row slots (`input_pos` [B, T], continuous batching): row b holds its own sequence from slot 0 and
+  writes slot input_pos[b, t], so rows of different lengths decode side by side and a row can be refilled
+  with a new prompt (`rows`: the cache rows a prefill writes) while the others keep their K/V.
+Decode (T = 1) has fixed shapes and no host syncs either way, so it can be captured in a CUDA graph
+(generate.py).
 """
 
 from __future__ import annotations
@@ -269,25 +274,36 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
         self.k_cache = self.v_cache = None
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops):
-        """x [B, T, dim] (normed); input_pos [T] cache slots; mask [B, 1, g*T, S] bool (g = query heads per
-        kv head, rows (head-in-group, token)) or None (causal from slot 0, no padding: flash path on the
-        fresh k, v); kv_len: slots to attend to (prefill) or None (the whole cache)."""
+    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None):
+        """x [B, T, dim] (normed); input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
+        [B, 1, g*T, S] bool (g = query heads per kv head, rows (head-in-group, token)) or None (causal from
+        slot 0: flash path on the fresh k, v); kv_len: slots to attend to (prefill) or None (the whole
+        cache); rows [B]: the cache rows x's rows go to (None: rows 0..B-1)."""
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
         q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
                                c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+        if rows is None and input_pos.dim() == 1:  # the same slots for every row
+            rows = slice(0, b)
+            self.k_cache[rows].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
+            self.v_cache[rows].index_copy_(2, input_pos, v)
+        else:  # per-row slots input_pos [B, T] of rows 0..B-1, or slots input_pos [T] of cache rows `rows`
+            r = (rows if rows is not None else torch.arange(b, device=x.device))[:, None]  # [B, 1]
+            # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
+            # (not scatter_: on CPU it copied the whole cache at every call)
+            self.k_cache[r, :, input_pos] = k.transpose(1, 2)
+            self.v_cache[r, :, input_pos] = v.transpose(1, 2)
+            rows = rows if rows is not None else slice(0, b)
         g = c.n_heads // c.n_kv
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=c.attn_scale)
         else:
-            kc, vc = (self.k_cache, self.v_cache) if kv_len is None else \
-                (self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len])
+            # [B, Hkv, S or kv_len, D]: views of rows 0..B-1, or copies of the joining rows
+            kc, vc = self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]
             # GQA without copying the cache: the g query heads sharing a kv head become g*T query rows
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
             y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
@@ -308,11 +324,12 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
             self.post_mlp_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len, ops: Ops):
+    def forward(self, x, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None):
         c = self.c
         eps, off = c.eps, c.norm_offset
         pa, pm = (self.post_attn_norm.weight, self.post_mlp_norm.weight) if c.sandwich else (None, None)
-        h = self.attn(ops.norm(x, self.attn_norm.weight, eps, off), cos, sin, input_pos, mask, kv_len, ops)
+        h = self.attn(ops.norm(x, self.attn_norm.weight, eps, off), cos, sin, input_pos, mask, kv_len, ops,
+                      rows)
         x, hn = ops.residual_norm(x, h, pa, self.mlp_norm.weight, eps, off)
         h = self.w2(ops.act_mul(self.w13(hn), c.act))
         return ops.residual(x, h, pm, eps, off)
@@ -359,19 +376,24 @@ class Transformer(nn.Module):
         self.cache_version += 1
 
     def forward(self, idx, input_pos, start=None, kv_len: int | None = None, fresh: bool = False,
-                last: bool = False, ops: Ops = EAGER):
-        """idx [B, T] tokens written at cache slots input_pos [T] (consecutive). start [B]: first real slot
+                last: bool | torch.Tensor = False, ops: Ops = EAGER, rows: torch.Tensor | None = None):
+        """idx [B, T] tokens written at cache slots input_pos: [T] (consecutive, the same for every row) or
+        [B, T] (per row: continuous batching's decode, each row at its own slot). start [B]: first real slot
         of each row (left padding; None: 0). kv_len: attend to slots < kv_len (prefill; None: the whole
-        cache, the fixed-shape decode). fresh: the prompt starts at slot 0 with no padding (plain causal
-        attention, skips the mask). last: logits of the last position only ([B, 1, vocab]; a 2048-token
-        prompt of 16 rows would otherwise make 8 GB of Llama-3 logits). ops: EAGER or Ops(compiled=True)
-        (decode on GPU; prefill stays eager: every prompt length would compile again). -> [B, T, vocab]."""
+        cache, the fixed-shape decode). fresh: the prompts start at slot 0 with no left padding (plain causal
+        attention, skips the mask; right padding is fine: a real token never sees a later pad). last: True,
+        logits of the last position only ([B, 1, vocab]; a 2048-token prompt of 16 rows would otherwise make
+        8 GB of Llama-3 logits), or a LongTensor [B] (right-padded prompts): of position last[b] in row b.
+        rows [B]: the cache rows that idx's rows fill (continuous batching: prompts joining a running batch,
+        input_pos [T]); None: rows 0..B-1. ops: EAGER or Ops(compiled=True) (decode on GPU; prefill stays
+        eager: every prompt length would compile again). -> [B, T, vocab]."""
         c = self.c
         b, t = idx.shape
         x = self.embed(idx)
         if c.embed_scale:  # gemma multiplies in the weights' dtype (sqrt(640) is 25.25 in bf16)
             x = x * torch.tensor(c.dim ** 0.5, dtype=x.dtype).item()  # a Python float: graph-safe
-        pos = input_pos[None, :].expand(b, t)
+        qpos = input_pos if input_pos.dim() == 2 else input_pos[None]  # [B or 1, T] slot of each query
+        pos = qpos.expand(b, t)
         if start is not None:
             pos = (pos - start[:, None]).clamp(min=0)  # padded slots get position 0, never attended
         # cos/sin per rope kind (gemma3: local and global bases), fp32 as transformers, then x's dtype
@@ -387,20 +409,22 @@ class Transformer(nn.Module):
                 masks[w] = None
                 continue
             kpos = torch.arange(s, device=idx.device)  # [S] slots
-            m = kpos[None, :] <= input_pos[:, None]  # [T, S] causal
+            m = kpos <= qpos[..., None]  # [B or 1, T, S] causal
             if w is not None:
-                m = m & (kpos[None, :] > input_pos[:, None] - w)  # transformers: k > q - window
-            m = m[None].expand(b, t, s)
+                m = m & (kpos > qpos[..., None] - w)  # transformers: k > q - window
+            m = m.expand(b, t, s)
             if start is not None:
                 m = m & (kpos[None, None, :] >= start[:, None, None])
                 # a pad slot's query would see nothing (SDPA: NaN, and 0 * NaN poisons later layers'
                 # attention through its V): let it see itself
-                m = m | (kpos[None, None, :] == input_pos[None, :, None])
+                m = m | (kpos == qpos[..., None])
             g = c.n_heads // c.n_kv  # GQA: rows for the g query heads of a kv head (see Attention)
             masks[w] = m[:, None].repeat(1, 1, g, 1) if g > 1 else m[:, None]  # [B, 1, g*T, S]
         for layer, key in zip(self.layers, c.rope_keys):
-            x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops)
-        if last:
+            x = layer(x, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops, rows)
+        if isinstance(last, torch.Tensor):
+            x = x.gather(1, last[:, None, None].expand(b, 1, x.shape[-1]))  # [B, 1, dim]
+        elif last:
             x = x[:, -1:]
         logits = self.output(ops.norm(x, self.norm.weight, c.eps, c.norm_offset))
         if c.final_softcap:
