@@ -399,6 +399,59 @@ def sweep_regs(out_dir):
     (out_dir / "kernels_sweep_regs.json").write_text(json.dumps(res, indent=0))
 
 
+def sweep_gemv(out_dir, ms=(1,)):
+    """M = 1 GEMV (group 128): the dispatcher's default against _gemv_wide_kernel over (BLOCK_N, units per
+    step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run (how gemv's
+    _gemv_config was chosen). Writes kernels_sweep_gemv_wide.json. The sweep in
+    results/gemv_experiments/ was run at commit 8ea719b, where "old" is the hand-pipelined _gemv_kernel."""
+    from salience.kernels import triton_int4 as T
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    shapes = [(k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]]
+    shapes = list(dict.fromkeys(shapes))
+    cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u)
+            for bn, u, nw in ((128, 1, 4), (64, 2, 4), (32, 4, 4), (64, 4, 8), (128, 2, 8), (128, 4, 8))
+            for st in (2, 3) for wv in (2, 4, 8)]
+    res = []
+    for k, n in shapes:
+        awq = random_awq(k, n, GS, "cuda", seed=1)
+        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
+        tg = tinygemm_weights(*awq, GS)
+        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = T.gemv(x, p0)
+            byt = int4_bytes(n, k, m)
+            base = {}
+            base["default"], _ = gpu_time([lambda p=p: T.gemv(x, p) for p in ps], target_s=0.01)
+            base["bf16"], _ = gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)
+            base["tiny"], _ = gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
+                                        for t in tgs], target_s=0.01)
+            best = None
+            for cfg in cfgs:
+                y = T.gemv(x, p0, **cfg)
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                t, _ = gpu_time([lambda p=p: T.gemv(x, p, **cfg) for p in ps], target_s=0.01)
+                res.append({"k": k, "n": n, "m": m, "cfg": cfg, "us": t * 1e6, "tbs": byt / t / 1e12,
+                            "rel_err_vs_default": err})
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
+            t = best[0]
+            print(f"K={k} N={n} M={m}: best {t * 1e6:.1f} us {byt / t / 1e12:.2f} TB/s {best[1]} | "
+                  f"default {base['default'] * 1e6:.1f} us ({byt / base['default'] / 1e12:.2f} TB/s) | "
+                  f"x default {base['default'] / t:.2f} x tiny {base['tiny'] / t:.2f} x bf16 {base['bf16'] / t:.2f}",
+                  flush=True)
+        del ps, p0, awq, ws, tgs
+        torch.cuda.empty_cache()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels_sweep_gemv_wide.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
+                                                                      indent=0))
+
+
 # --------------------------------------------------------------------------------------------- CPU
 
 
@@ -488,7 +541,8 @@ def run_one(spec):
     k, n, m = int(k), int(n), int(m)
     p = PackedInt4.from_awq(*random_awq(k, n, GS, "cuda"), GS, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    f = {"gemv": T.gemv, "gemm": T.gemm, "linear": int4_linear}[kind]
+    f = {"gemv": T.gemv, "gemm": T.gemm, "linear": int4_linear,
+}[kind]
     for _ in range(3):
         f(x, p)
     torch.cuda.synchronize()
@@ -501,6 +555,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="GPU: a few shapes and Ms")
     ap.add_argument("--sweep", action="store_true", help="GPU: block-size sweep of each kernel")
     ap.add_argument("--sweep-regs", action="store_true", help="GPU: register caps for the small-M kernels")
+    ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV configurations (BLOCK_N, units per step, stages, waves)")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -521,6 +576,9 @@ def main():
         return
     if a.sweep_regs:
         sweep_regs(a.out)
+        return
+    if a.sweep_gemv:
+        sweep_gemv(a.out)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

@@ -1,16 +1,22 @@
 """Triton kernels for 4-bit weight-only linears on CUDA, over the GPU layout of layout.py.
 
 Decode is memory-bound: at M tokens a linear must stream N*K/2 bytes of codes, so each kernel is
-judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Three:
+judged by effective bandwidth (bytes of weights, scales, zeros, x and out per call / time). Four:
 
-  _gemv_kernel     M = 1, CUDA cores. Programs own BLOCK_N rows and a K range (split-K); the next
-                   unit's words, scales and x are loaded while the current one computes.
+  _gemv_wide_kernel  M = 1, CUDA cores, group sizes that are multiples of 128 (most checkpoints).
+                   Programs own BLOCK_N rows and a K range (split-K), U units per step; Triton's
+                   software pipeliner streams the words, x and scales through a cp.async ring.
+  _gemv_kernel     M = 1, group sizes 32/64 or K not a multiple of 128: the same math, the next
+                   unit's words, scales and x loaded by hand while the current one computes.
   _gemm_kernel     M up to a few hundred: a [BLOCK_N, 16] slice of codes, made 16-bit floats in
                    registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
-Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 0.9-2.0 TB/s effective at
-M = 1, latency-bound (too few bytes in flight per SM), short of the 2.5-3 TB/s the hardware allows.
+Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
+M = 1, short of the 2.5-3 TB/s the hardware allows. Not for lack of bytes in flight (a deeper cp.async
+ring did not help) nor of instruction throughput (fp16x2 math with 35 % fewer instructions did not
+help either; kernels_notes.md): these 8-65 MB matrices give each SM 2-8 short programs, and the
+ramp-up and split-K tail of each launch weigh as much as the streaming.
 
 Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
 0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
@@ -170,9 +176,10 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
     axis 2; meant for M = 1). Tiles are [BN, 16] (rows, words of a unit) or slices of that layout, so
     no value moves between threads until the final sum. Everything the next unit needs (its words,
-    x, and, when a group spans whole units, its scales) is loaded while this unit computes: Triton's
-    pipeliner only pipelines loads that feed a dot, and each of these loads would otherwise stall
-    every step. SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32)."""
+    x, and, when a group spans whole units, its scales) is loaded while this unit computes (by hand:
+    written before _gemv_wide_kernel's tl.range pipelining, which does the same with less code but
+    has not been written for SUB > 1 yet). SUB = groups per unit (1: group size a multiple of 128;
+    2: 64; 4: 32)."""
     NPG: tl.constexpr = 8 // SUB  # nibbles per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -215,6 +222,49 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
         if SUB == 1:
             sz = nsz
     out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    rm = m + tl.arange(0, 1)
+    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
+              b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                      M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
+                      BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
+    consecutive units per step: [BN, U, 16] words, 64*U contiguous bytes per row (U = 2 measured up to
+    1.35x faster than 64-byte rows on tall matrices). A loop given num_stages (tl.range) has all its
+    loads pipelined by Triton, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
+    memory, so no hand-written prefetch is needed. Units past u_hi (when U does not divide the split)
+    load code 0, scale 0 and x 0: exact zeros."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ru = tl.arange(0, U)
+    rs = tl.arange(0, _WORDS)
+    w_base = w_ptr + rn[:, None, None] * KW + ru[None, :, None] * _WORDS + rs[None, None, :]  # [BN, U, 16]
+    x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
+    u_lo = pid_k * units_per_split
+    u_hi = tl.minimum(u_lo + units_per_split, n_units)
+    acc = tl.zeros([BN, U, _WORDS], dtype=tl.float32)
+    for u in tl.range(u_lo, u_hi, U, num_stages=STAGES):
+        uok = (u + ru) < u_hi  # [U]
+        words = tl.load(w_base + u * _WORDS, mask=uok[None, :, None], other=0)
+        s16, c = _scale_zero(tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None],
+                                     mask=uok[None, :], other=0))  # [BN, U]
+        for i in tl.static_range(8):
+            xi = tl.load(x_base + u * 128 + i * 16, mask=uok[:, None], other=0.0).to(tl.float32)  # [U, 16]
+            v = _nibble_f32(words, i, ONE)  # [BN, U, 16]
+            if i == 0:
+                p = v * xi[None, :, :]
+                xs = xi
+            else:
+                p += v * xi[None, :, :]
+                xs += xi
+        acc += p * s16[:, :, None] + xs[None, :, :] * c[:, :, None]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BN]
     rm = m + tl.arange(0, 1)
     _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
               b_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, HAS_BIAS, SPLIT)
@@ -388,20 +438,36 @@ def _reg_cap(maxnreg):
     return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 
-def gemv(x2, p, bias=None, *, block_n=128, split=None, num_warps=4, maxnreg=None):
-    """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works)."""
+def _gemv_config(np_: int):
+    """(BLOCK_N, units per step, split-K waves) of _gemv_wide_kernel, from the H100 sweep
+    (benchmarks/results/gemv_experiments/kernels_sweep_gemv_wide.json): wide steps pay off on tall matrices."""
+    return (128, 1, 2) if np_ < 8192 else (64, 2, 4)
+
+
+def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=None, wide=None, waves=None,
+         stages=3):
+    """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
+    Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
+    _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
+    waves: split-K aims at this many programs per SM."""
     m, k = x2.shape
     np_, kw = p.qweight.shape
     n_units = kw // WORDS
+    sub, upg = _geometry(p)
+    use_wide = sub == 1 and k % UNIT == 0
+    bn0, wide0, waves0 = _gemv_config(np_) if use_wide else (128, 1, SPLIT_WAVES)
+    block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
-    n_split, ups = _split(tiles * m, n_units, 1, _n_sms(x2), split)
-    sub, upg = _geometry(p)
-    _gemv_kernel[(tiles, n_split, m)](
-        *_launch_args(x2, p, bias, out, n_split, m),
-        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE,
-        BN=block_n, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None, SPLIT=n_split > 1,
-        num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
+    n_split, ups = _split(tiles * m, n_units, wide, max(_n_sms(x2) * waves // SPLIT_WAVES, 1), split)
+    args = (*_launch_args(x2, p, bias, out, n_split, m),
+            m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
+    meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
+                **_reg_cap(maxnreg))
+    if use_wide:
+        _gemv_wide_kernel[(tiles, n_split, m)](*args, U=wide, STAGES=stages, **meta)
+    else:
+        _gemv_kernel[(tiles, n_split, m)](*args, SUB=sub, MASK_K=(k % UNIT != 0), **meta)
     return out
 
 
