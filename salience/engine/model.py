@@ -232,6 +232,26 @@ def qkv_rope(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
+def qkv_rope_write(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float, offset: float,
+                   k_cache, v_cache, input_pos):
+    """qkv_rope, then k and v written to the caches of rows 0..B-1 at slots input_pos: [T] (every row the
+    same slots) or [B, T] (row b at its own). -> q, k, v. Compiled (GPU decode), the writes fuse into the
+    RoPE kernel (inductor scatters in place: no copy of the cache)."""
+    q, k, v = qkv_rope(qkv, cos, sin, qw, kw, n_heads, n_kv, hd, eps, offset)
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    b = q.shape[0]
+    if input_pos.dim() == 1:
+        k_cache[:b].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
+        v_cache[:b].index_copy_(2, input_pos, v)
+    else:
+        r = torch.arange(b, device=q.device)[:, None]  # [B, 1]
+        # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
+        # (not scatter_: on CPU it copied the whole cache at every call)
+        k_cache[r, :, input_pos] = k.transpose(1, 2)
+        v_cache[r, :, input_pos] = v.transpose(1, 2)
+    return q, k, v
+
+
 def act_mul(y, act: str):
     """y [.., 2 F] (gate rows, then up rows) -> act(gate) * up [.., F]."""
     gate, up = y.chunk(2, dim=-1)
@@ -241,7 +261,7 @@ def act_mul(y, act: str):
 class Ops:
     """The functions above, as called (eager) or compiled into one kernel each (decode on GPU)."""
 
-    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "act_mul")
+    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "qkv_rope_write", "act_mul")
 
     def __init__(self, compiled: bool):
         self.compiled = compiled
@@ -291,20 +311,15 @@ class Attention(nn.Module):
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
-        q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
-                               c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
-        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        if rows is None and input_pos.dim() == 1:  # the same slots for every row
+        args = (self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
+        if rows is None:  # rows 0..B-1, at slots input_pos [T] or [B, T]
+            q, k, v = ops.qkv_rope_write(*args, self.k_cache, self.v_cache, input_pos)
             rows = slice(0, b)
-            self.k_cache[rows].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
-            self.v_cache[rows].index_copy_(2, input_pos, v)
-        else:  # per-row slots input_pos [B, T] of rows 0..B-1, or slots input_pos [T] of cache rows `rows`
-            r = (rows if rows is not None else torch.arange(b, device=x.device))[:, None]  # [B, 1]
-            # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
-            # (not scatter_: on CPU it copied the whole cache at every call)
-            self.k_cache[r, :, input_pos] = k.transpose(1, 2)
-            self.v_cache[r, :, input_pos] = v.transpose(1, 2)
-            rows = rows if rows is not None else slice(0, b)
+        else:  # prompts joining a running batch: cache rows `rows`, slots input_pos [T]
+            q, k, v = ops.qkv_rope(*args)  # [B, H, T, D], [B, Hkv, T, D] x 2
+            k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+            self.k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2)  # target [B, T, Hkv, D]
+            self.v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
         g = c.n_heads // c.n_kv
         if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
             y = decode_attention(q[:, :, 0], self.k_cache, self.v_cache, mask.lo, mask.hi,
