@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import PackedInt4, int4_linear
+from ..kernels.attention import decode_attention
 
 # model_type -> quirks that config.json does not spell out. Everything else (sizes, heads, head_dim,
 # eps, rope, sliding windows, biases: read from which tensors the checkpoint has) comes from the config.
@@ -230,6 +232,26 @@ def qkv_rope(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
+def qkv_rope_write(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps: float, offset: float,
+                   k_cache, v_cache, input_pos):
+    """qkv_rope, then k and v written to the caches of rows 0..B-1 at slots input_pos: [T] (every row the
+    same slots) or [B, T] (row b at its own). -> q, k, v. Compiled (GPU decode), the writes fuse into the
+    RoPE kernel (inductor scatters in place: no copy of the cache)."""
+    q, k, v = qkv_rope(qkv, cos, sin, qw, kw, n_heads, n_kv, hd, eps, offset)
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    b = q.shape[0]
+    if input_pos.dim() == 1:
+        k_cache[:b].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
+        v_cache[:b].index_copy_(2, input_pos, v)
+    else:
+        r = torch.arange(b, device=q.device)[:, None]  # [B, 1]
+        # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
+        # (not scatter_: on CPU it copied the whole cache at every call)
+        k_cache[r, :, input_pos] = k.transpose(1, 2)
+        v_cache[r, :, input_pos] = v.transpose(1, 2)
+    return q, k, v
+
+
 def act_mul(y, act: str):
     """y [.., 2 F] (gate rows, then up rows) -> act(gate) * up [.., F]."""
     gate, up = y.chunk(2, dim=-1)
@@ -239,7 +261,7 @@ def act_mul(y, act: str):
 class Ops:
     """The functions above, as called (eager) or compiled into one kernel each (decode on GPU)."""
 
-    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "act_mul")
+    NAMES = ("norm", "residual", "residual_norm", "qkv_rope", "qkv_rope_write", "act_mul")
 
     def __init__(self, compiled: bool):
         self.compiled = compiled
@@ -263,6 +285,12 @@ def compiled_ops() -> Ops:
     return _COMPILED[0]
 
 
+class Span(NamedTuple):
+    """Decode attention bounds: row b's query attends to cache slots lo[b] <= s < hi[b] ([B] tensors)."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, c: Config, window: int | None):
         super().__init__()
@@ -276,27 +304,27 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None):
         """x [B, T, dim] (normed); input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
-        [B, 1, g*T, S] bool (g = query heads per kv head, rows (head-in-group, token)) or None (causal from
-        slot 0: flash path on the fresh k, v); kv_len: slots to attend to (prefill) or None (the whole
+        [B, 1, g*T, S] bool (g = query heads per kv head, rows (head-in-group, token)), None (causal from
+        slot 0: flash path on the fresh k, v) or a Span (decode, T = 1: the Triton decode-attention
+        kernel over each row's live slots); kv_len: slots to attend to (prefill) or None (the whole
         cache); rows [B]: the cache rows x's rows go to (None: rows 0..B-1)."""
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
-        q, k, v = ops.qkv_rope(self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps,
-                               c.norm_offset)  # [B, H, T, D], [B, Hkv, T, D] x 2
-        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        if rows is None and input_pos.dim() == 1:  # the same slots for every row
+        args = (self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
+        if rows is None:  # rows 0..B-1, at slots input_pos [T] or [B, T]
+            q, k, v = ops.qkv_rope_write(*args, self.k_cache, self.v_cache, input_pos)
             rows = slice(0, b)
-            self.k_cache[rows].index_copy_(2, input_pos, k)  # a view: the write lands in the cache
-            self.v_cache[rows].index_copy_(2, input_pos, v)
-        else:  # per-row slots input_pos [B, T] of rows 0..B-1, or slots input_pos [T] of cache rows `rows`
-            r = (rows if rows is not None else torch.arange(b, device=x.device))[:, None]  # [B, 1]
-            # advanced indices on dims 0 and 2 put their broadcast [B, T] first: the target is [B, T, Hkv, D]
-            # (not scatter_: on CPU it copied the whole cache at every call)
-            self.k_cache[r, :, input_pos] = k.transpose(1, 2)
-            self.v_cache[r, :, input_pos] = v.transpose(1, 2)
-            rows = rows if rows is not None else slice(0, b)
+        else:  # prompts joining a running batch: cache rows `rows`, slots input_pos [T]
+            q, k, v = ops.qkv_rope(*args)  # [B, H, T, D], [B, Hkv, T, D] x 2
+            k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+            self.k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2)  # target [B, T, Hkv, D]
+            self.v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
         g = c.n_heads // c.n_kv
+        if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
+            y = decode_attention(q[:, :, 0], self.k_cache, self.v_cache, mask.lo, mask.hi,
+                                 c.attn_scale or c.head_dim ** -0.5)
+            return self.wo(y[:, None])
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -352,6 +380,16 @@ class Transformer(nn.Module):
     def device(self):
         return self.embed.weight.device
 
+    # None: decode attention through the Triton kernel (kernels/attention.py) on CUDA in fp16/bf16 with a
+    # power-of-two head_dim, SDPA otherwise; True/False force it (tests run it in Triton's interpreter)
+    attn_kernel: bool | None = None
+
+    def decode_kernel(self, x) -> bool:
+        hd = self.c.head_dim
+        if self.attn_kernel is not None:
+            return self.attn_kernel
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and hd >= 16 and hd & (hd - 1) == 0
+
     def _apply(self, fn, recurse=True):
         """.to(dtype) would round the RoPE frequencies too: recompute them in fp32 on the new device."""
         super()._apply(fn, recurse)
@@ -404,9 +442,17 @@ class Transformer(nn.Module):
             rope[key] = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         s = kv_len or self.max_seq
         masks = {}
+        span = t == 1 and kv_len is None and self.decode_kernel(x)
         for w in set(c.windows):
             if fresh and (w is None or t <= w):
                 masks[w] = None
+                continue
+            if span:  # decode through the kernel: slot bounds per row instead of a [B, 1, g, S] mask
+                qp = qpos.expand(b, 1)[:, 0]  # [B] the slot each row's token was written to
+                lo = start if start is not None else torch.zeros_like(qp)
+                if w is not None:
+                    lo = torch.maximum(lo, qp - w + 1)  # transformers: k > q - window
+                masks[w] = Span(lo, qp + 1)
                 continue
             kpos = torch.arange(s, device=idx.device)  # [S] slots
             m = kpos <= qpos[..., None]  # [B or 1, T, S] causal

@@ -57,8 +57,9 @@ if triton is not None:
                              S, n_chunks, scale,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                             DOT_F32: tl.constexpr):
-        """Program (b, kv head h, chunk c): rows = the G query heads of kv head h (padded to GP)."""
+                             DOT_F32: tl.constexpr, PREC: tl.constexpr):
+        """Program (b, kv head h, chunk c): rows = the G query heads of kv head h (padded to GP).
+        PREC: "ieee" for fp32 inputs (exact fp32 products, not TF32), else "tf32" (ignored for 16-bit)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         c = tl.program_id(2)
@@ -80,12 +81,12 @@ if triton is not None:
                 q = q.to(tl.float32)
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_S] fp32
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [GP, BLOCK_S] fp32
             s = tl.where(live[None, :], s, float("-inf"))
             m = tl.max(s, axis=1)  # [GP]; finite: the chunk has a live slot
             p = tl.exp(s - m[:, None])
             l_ = tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v)  # [GP, D] fp32
+            acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)  # [GP, D] fp32
             tl.store(m_ptr + out * GP + rg, m)
             tl.store(l_ptr + out * GP + rg, l_)
             tl.store(acc_ptr + (out * GP + rg)[:, None] * D + rd[None, :], acc)
@@ -144,7 +145,8 @@ def decode_attention(q, k_cache, v_cache, lo, hi, scale: float, block_s: int = 6
     _attn_partial_kernel[(b, hkv, n_chunks)](
         q, k_cache, v_cache, lo, hi, m, l_, acc, s, n_chunks, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        G=g, GP=gp, D=d, BLOCK_S=block_s, DOT_F32=_interpreted(), num_warps=num_warps)
+        G=g, GP=gp, D=d, BLOCK_S=block_s, DOT_F32=_interpreted(),
+        PREC="ieee" if q.dtype == torch.float32 or _interpreted() else "tf32", num_warps=num_warps)
     _attn_combine_kernel[(b, hkv)](m, l_, acc, out, n_chunks, out.stride(0), G=g, GP=gp, D=d,
                                    num_warps=num_warps)
     return out
