@@ -322,8 +322,8 @@ class Attention(nn.Module):
             self.v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2)
         g = c.n_heads // c.n_kv
         if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
-            y = decode_attention(q[:, :, 0], self.k_cache, self.v_cache, mask.lo, mask.hi,
-                                 c.attn_scale or c.head_dim ** -0.5)
+            y = decode_attention(q[:, :, 0], self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], mask.lo,
+                                 mask.hi, c.attn_scale or c.head_dim ** -0.5)
             return self.wo(y[:, None])
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
@@ -442,7 +442,7 @@ class Transformer(nn.Module):
             rope[key] = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         s = kv_len or self.max_seq
         masks = {}
-        span = t == 1 and kv_len is None and self.decode_kernel(x)
+        span = t == 1 and rows is None and self.decode_kernel(x)  # decode (kv_len: continuous batching's span)
         for w in set(c.windows):
             if fresh and (w is None or t <= w):
                 masks[w] = None
