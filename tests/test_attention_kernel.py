@@ -30,17 +30,18 @@ def test_attention_kernel_in_interpreter():
     assert r.returncode == 0, f"interpreted attention tests failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
 
 
-CASES = [  # B, Hq, Hkv, D, S, block_s, dtype
-    (1, 4, 4, 64, 100, 32, torch.float16),
-    (2, 8, 2, 128, 300, 64, torch.bfloat16),
-    (3, 4, 1, 256, 50, 16, torch.bfloat16),  # gemma-3-270m-like: 4 query heads on 1 kv head, D 256
-    (2, 9, 3, 64, 40, 64, torch.float16),  # SmolLM2-like: groups of 3 (padded to 16 rows)
+CASES = [  # B, Hq, Hkv, D, S, block_s, chunk, dtype
+    (1, 4, 4, 64, 100, 32, None, torch.float16),
+    (2, 8, 2, 128, 300, 64, 128, torch.bfloat16),  # chunks of two blocks, the last one ragged
+    (3, 4, 1, 256, 50, 16, 16, torch.bfloat16),  # gemma-3-270m-like: 4 query heads on 1 kv head, D 256
+    (2, 9, 3, 64, 40, 64, None, torch.float16),  # SmolLM2-like: groups of 3 (padded to 16 rows)
+    (1, 2, 2, 32, 260, 32, 256, torch.float16),  # one chunk of eight blocks
 ]
 
 
 @pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter child (or on CUDA)")
-@pytest.mark.parametrize("b,hq,hkv,d,s,block_s,dtype", CASES)
-def test_decode_attention_matches_spec(b, hq, hkv, d, s, block_s, dtype):
+@pytest.mark.parametrize("b,hq,hkv,d,s,block_s,chunk,dtype", CASES)
+def test_decode_attention_matches_spec(b, hq, hkv, d, s, block_s, chunk, dtype):
     g = torch.Generator().manual_seed(b * 100 + s)
     q = torch.randn(b, hq, d, generator=g).to(dtype).to(DEV)
     k = torch.randn(b, hkv, s, d, generator=g).to(dtype).to(DEV)
@@ -50,7 +51,7 @@ def test_decode_attention_matches_spec(b, hq, hkv, d, s, block_s, dtype):
     hi[0], lo[0] = s, 0  # one row attends to the whole cache
     lo, hi = lo.to(DEV), hi.to(DEV)
     scale = d ** -0.5
-    out = decode_attention(q, k, v, lo, hi, scale)
+    out = decode_attention(q, k, v, lo, hi, scale, block_s=block_s, chunk=chunk)
     ref = decode_attention_ref(q, k, v, lo, hi, scale)
     assert out.shape == (b, hq * d) and out.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
