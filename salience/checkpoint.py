@@ -208,9 +208,9 @@ class CheckpointWriter:
         self._queued += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         search = {k: v.detach().to("cpu").contiguous() for k, v in search.items()}
+        self.wait()  # before the copy below: one copy of the activations in host memory at a time
         # a copy now: the caller overwrites x_next with the next block's output
         x = x_next.detach().to("cpu", copy=True) if x_next is not None and self.run is not None else None
-        self.wait()
         self._pending = self._pool.submit(self._write_block, i, tensors, search, report, x)
 
     def _write_block(self, i, tensors, search, report, x):

@@ -101,8 +101,8 @@ def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = F
 class LazyBlocks:
     """The decoder blocks of a meta skeleton, materialised one at a time from the shards.
 
-    load(i) returns block i in host memory (read ahead while block i-1 was being quantized; the driver
-    moves it to the device);
+    load(i) returns block i in host memory (read ahead if prefetch(i) was called: the driver asks for
+    block i+1 once block i is on the device, so that the host holds one block, not two);
     release(i) turns its parameters back into meta tensors. `rest_entries` streams the non-block tensors
     (embeddings, final norm, untied head) from the shards for the writer."""
 
@@ -185,11 +185,14 @@ class LazyBlocks:
             for leaf, p in list(mod.named_parameters(recurse=False)):
                 mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
 
+    def prefetch(self, i: int):
+        """Start reading block i in a thread (load(i) takes it)."""
+        if self._pool is not None and i < len(self.layers) and i not in self._ahead:
+            self._ahead[i] = self._pool.submit(self._read, i)
+
     def load(self, i: int) -> nn.Module:
         fut = self._ahead.pop(i, None)
         sd = fut.result() if fut is not None else self._read(i)
-        if self._pool is not None and i + 1 < len(self.layers) and i + 1 not in self._ahead:
-            self._ahead[i + 1] = self._pool.submit(self._read, i + 1)
         block = self.layers[i]
         block.load_state_dict(sd, strict=True, assign=True)
         return block
@@ -214,6 +217,9 @@ class InMemoryBlocks:
 
     def load(self, i: int) -> nn.Module:
         return self.layers[i]
+
+    def prefetch(self, i: int):
+        pass
 
     def release(self, i: int, block: nn.Module):
         self.layers[i] = block.to("cpu")
