@@ -10,9 +10,12 @@ Weights are random (normal, std 0.02; norms 1 + noise), so only speed and memory
 calibration is random token ids (seed 0), `--rows` x `--seqlen` (default 128 x 512), because the bench
 machine has no corpus and no network. A shape with fewer blocks than the real model (`name:blocks`) is
 extrapolated per block: total = measured fixed cost + per-block median x real block count, marked as such.
-Each model is quantized in a fresh child process so that its peak RSS is the quantizer's alone.
-Results are merged into benchmarks/results/quantize.json (one entry per model and device) and the table
-quantize.md is rewritten from it.
+Each model is quantized in a fresh child process so that its peak RSS is the quantizer's alone. On a GPU
+the child also records the peak of allocated GPU memory per phase (salience.quantize.phase_hook: capture,
+load, each pass over the calibration rows, each group's scale search, clip_quantize, write), printed under
+the table. Results are merged into benchmarks/results/quantize.json (one entry per model and device) and
+the table quantize.md is rewritten from it; results of a run elsewhere (`--results DIR`) are merged with
+`--merge DIR/quantize.json`.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column ORDER[i] of its 8-colu
 _SHIFTS = torch.arange(0, 32, BITS, dtype=torch.int32)  # nibble i sits at bit 4i
 
 
-def pack(codes: torch.Tensor, max_elems: int = 1 << 24) -> torch.Tensor:
+def pack(codes: torch.Tensor, max_elems: int = 1 << 22) -> torch.Tensor:
     """codes [R, N] integers in 0..15 -> int32 [R, N/8] in AWQ order. By chunks of rows of at most max_elems
-    codes (rows pack independently), so that the int32/int64 temporaries stay ~64 MiB each."""
+    codes (rows pack independently), so that the int32/int64 temporaries stay ~16-32 MiB each."""
     r, n = codes.shape
     if n % PACK:
         raise ValueError(f"AWQ GEMM packing needs the output dim to be a multiple of {PACK}, got {n}")

@@ -654,11 +654,14 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     block's bytes on an accelerator, no limit (one pass, fastest) on the CPU. Results do not depend on it.
     Returns the list of block reports (of blocks start..).
 
-    Device memory (an accelerator): the block, its results, one batch's activations and the Grams of a
-    pass. The activations of all calibration rows [n, seqlen, hidden] (7B, 128 x 512 rows: 0.5 GiB) stay
-    in pinned host memory, one buffer overwritten by each block's output, read a batch at a time. For a
-    Llama-2-7B block (0.38 GiB in bf16) the largest term is down_proj's fp32 Gram (0.45 GiB): ~1.1 GiB
-    in all; for a 70B block (1.6 GiB) its 3.1 GiB Gram: ~5.3 GiB (benchmarks/results/quantize.md)."""
+    Device memory (an accelerator): the block, its integer results, one batch's activations and the Grams
+    of one pass. The activations of all calibration rows [n, seqlen, hidden] (7B, 128 x 512 rows: 0.5 GiB)
+    stay in pinned host memory, one buffer overwritten by each block's output, read a batch at a time. The
+    peak is the pass that accumulates down_proj's fp32 Gram, at the MLP: Llama-2-7B (batches of 8 x 512
+    tokens) block 0.38 GiB + Gram 11008^2 * 4 = 0.45 + act(gate), up, their product [4096, 11008] and ~3
+    [4096, 4096] bf16 = 0.35: ~1.17 GiB (2 blocks + cache: 1.25). 70B: 1.59 + 3.06 + 0.84: ~5.5 GiB (2 blocks
+    + cache: 4.19, out of reach while the block and its exact fp32 Gram are on the device together: 4.65).
+    benchmarks/quantize.py measures each phase."""
     blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
     keep_fp32 = fp32_names(model)

@@ -97,6 +97,6 @@ def test_capture_to_host():
     arch = arch_for(m.config)
     rows = torch.randint(0, 300, (5, 16))
     x, calls = Q.capture_block_inputs(m, arch, rows, 2, "cpu")
-    xh, calls_h = Q.capture_block_inputs(m, arch, rows, 2, "cpu", host=True)
+    xh, _ = Q.capture_block_inputs(m, arch, rows, 2, "cpu", host=True)
     assert torch.equal(x, xh) and x.shape == (5, 16, 64) and len(calls[0]) == 3
     assert torch.equal(x, m.model.embed_tokens(rows))
