@@ -87,11 +87,14 @@ def check_quant_config(config, where) -> int | None:
     return qc.get("group_size", 128)
 
 
-def check_finite(name: str, t: torch.Tensor, where) -> torch.Tensor:
-    """t unchanged, or CheckpointError naming the tensor and file if it holds NaN or inf."""
+def check_finite(name: str, t: torch.Tensor, where, chunk: int = 1 << 24) -> torch.Tensor:
+    """t unchanged, or CheckpointError naming the tensor and file if it holds NaN or inf. Checked `chunk`
+    elements at a time with all() (a bool temporary of at most 16 MiB; sum() of the bool tensor would first
+    copy it to int64: 8 bytes per weight, 1 GiB for a 7B embedding); counted only to report."""
     if t.is_floating_point():
-        bad = t.numel() - int(torch.isfinite(t).sum())
-        if bad:
+        flat = t.reshape(-1)
+        if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+            bad = sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
             raise CheckpointError(f"{where}: tensor {name} has {bad} NaN/inf value(s) of {t.numel()}")
     return t
 
