@@ -2,7 +2,7 @@
 architecture on disk, quantize it with `salience.api.quantize` (lazy block-by-block path, AWQ w4 g128),
 report wall time, time per block, peak GPU memory and peak host RSS.
 
-    python3 benchmarks/quantize.py --models llama2-7b                 # ~4 min on an H100 incl. building
+    python3 benchmarks/quantize.py --models llama2-7b                 # ~3 min on an H100 incl. building
     python3 benchmarks/quantize.py --models llama3-8b,llama2-70b:3    # 70B shape: 3 of its 80 blocks
     python3 benchmarks/quantize.py --models tiny --device cpu         # smoke test (seconds)
 
@@ -10,9 +10,12 @@ Weights are random (normal, std 0.02; norms 1 + noise), so only speed and memory
 calibration is random token ids (seed 0), `--rows` x `--seqlen` (default 128 x 512), because the bench
 machine has no corpus and no network. A shape with fewer blocks than the real model (`name:blocks`) is
 extrapolated per block: total = measured fixed cost + per-block median x real block count, marked as such.
-Each model is quantized in a fresh child process so that its peak RSS is the quantizer's alone.
-Results are merged into benchmarks/results/quantize.json (one entry per model and device) and the table
-quantize.md is rewritten from it.
+Each model is quantized in a fresh child process so that its peak RSS is the quantizer's alone. On a GPU
+the child also records the peak of allocated GPU memory per phase (salience.quantize.phase_hook: capture,
+load, each pass over the calibration rows, each group's scale search, clip_quantize, write), printed under
+the table. Results are merged into benchmarks/results/quantize.json (one entry per model and device) and
+the table quantize.md is rewritten from it; results of a run elsewhere (`--results DIR`) are merged with
+`--merge DIR/quantize.json`.
 """
 
 from __future__ import annotations
@@ -101,11 +104,12 @@ def build(name: str, n_blocks: int | None, folder: Path, device: str, shard_byte
 
 
 class _RssSampler(threading.Thread):
-    """Peak of VmRSS and RssAnon (anonymous memory: excludes file pages mapped from the shards)."""
+    """Peaks of VmRSS, RssAnon (anonymous memory), RssFile (mapped file pages: the shards, when they were
+    memory-mapped) and RssShmem (CUDA's pinned host memory may count here)."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak = {"VmRSS": 0, "RssAnon": 0}
+        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
         self.stop = False
 
     def sample(self):
@@ -142,8 +146,19 @@ def child(a):
     sampler.start()
     cfg = json.loads((Path(a.folder) / "config.json").read_text())
     rows = torch.randint(0, cfg["vocab_size"], (a.rows, a.seqlen), generator=torch.Generator().manual_seed(0))
+    phase_peaks: dict[str, dict] = {}  # phase -> the largest peak of device memory over blocks
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+
+        def on_phase(block, phase):
+            """Peak allocated since the last phase ended, then reset: where the peak of the run is."""
+            peak, now = torch.cuda.max_memory_allocated(dev), torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            e = phase_peaks.setdefault(phase, {"peak": -1})
+            if peak > e["peak"]:
+                e.update(peak=peak, block=block, allocated_after=now)
+
+        quantize.phase_hook = on_phase
     t0 = time.time()
     out, _, _ = api.quantize(a.folder, a.out, QuantConfig(4, 128), "awq", rows=rows, device=a.device,
                              dtype="bfloat16", overwrite=True, progress=True, restart=True)
@@ -161,10 +176,14 @@ def child(a):
         "baseline_vmrss": base["VmRSS"], "baseline_rss_anon": base["RssAnon"],
         "output_bytes": sum(f.stat().st_size for f in out.iterdir()),
     }
+    res["peak_rss_file_sampled"], res["peak_rss_shmem_sampled"] = sampler.peak["RssFile"], sampler.peak["RssShmem"]
     if dev.type == "cuda":
-        res["peak_gpu_allocated"] = torch.cuda.max_memory_allocated(dev)
+        on_phase(-2, "end")  # writing the rest, closing
+        quantize.phase_hook = None
+        res["peak_gpu_allocated"] = max(e["peak"] for e in phase_peaks.values())
         res["peak_gpu_reserved"] = torch.cuda.max_memory_reserved(dev)
         res["gpu"] = torch.cuda.get_device_name(dev)
+        res["gpu_phase_peaks"] = phase_peaks
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -204,9 +223,14 @@ def run_one(spec: str, a) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     per_block = statistics.median(r["block_seconds"])
     fixed = r["wall_seconds"] - sum(r["block_seconds"])  # load, capture, head/embeddings, close
-    h, n_tok = info["hidden"], a.rows * a.seqlen
+    h, n_tok, inter = info["hidden"], a.rows * a.seqlen, info["intermediate"]
     cache = n_tok * h * 2  # the one bf16 activation buffer [rows, seqlen, hidden]
-    grams = 4 * (3 * h * h + info["intermediate"] ** 2)  # fp32 X^T X of the 4 distinct linear inputs
+    grams = 4 * (3 * h * h + inter ** 2)  # fp32 X^T X of the 4 distinct linear inputs
+    # The expected device peak (salience.quantize.quantize_model): the pass that accumulates down_proj's
+    # Gram, at the MLP of a batch (8 rows): the block, that Gram, act(gate), up and their product
+    # [tokens, inter] and ~3 [tokens, hidden] tensors of the residual stream, all 16-bit but the Gram.
+    batch_tok = 8 * a.seqlen
+    expected = info["block_bytes_16bit"] + 4 * inter ** 2 + 2 * batch_tok * (3 * inter + 3 * h)
     entry = {
         "model": spec, "shape": name, "device": a.device, "machine": machine(a.device),
         "calibration": f"{a.rows} x {a.seqlen} random token ids", "weights": "random, " + info["stored_dtype"],
@@ -217,6 +241,7 @@ def run_one(spec: str, a) -> dict:
         "wall_seconds_full_model": round(fixed + per_block * info["blocks_real"], 1)
         if info["blocks_built"] != info["blocks_real"] else r["wall_seconds"],
         "block_bytes_16bit": info["block_bytes_16bit"], "activation_cache_bytes": cache, "gram_bytes": grams,
+        "expected_gpu_bytes": expected,
         "build_seconds": info["build_seconds"], "checkpoint_bytes_in": info["bytes_on_disk"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         **{k: v for k, v in r.items() if k not in ("wall_seconds",)},
@@ -230,13 +255,15 @@ def write_tables(entries: list[dict]):
         "AWQ w4 g128, bf16 compute, lazy block-by-block loading, resumable writes (activations saved per "
         "block). Random weights with the real shapes, random calibration token ids (the bench machine has "
         "no corpus): speed and memory only. `block` = one decoder block's 16-bit weights; `cache` = the bf16 "
-        "activation buffer [rows, seqlen, hidden]; `grams` = the fp32 X^T X of the block's four distinct "
-        "linear inputs (the Gram losses need them). Host RSS is the child process's peak (`ru_maxrss`, file "
-        "pages of the shards included) and, in brackets, its anonymous part over the baseline after "
-        "imports and CUDA initialisation.", "",
-        "| model | machine | blocks | wall (s) | s/block | peak GPU alloc (GiB) | GPU budget 2 blocks + cache "
-        "+ grams (GiB) | peak host RSS (GiB) [anon over baseline] | host budget 4 blocks + cache (GiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "activation buffer [rows, seqlen, hidden] (pinned host memory since the memory work; on the GPU "
+        "before). `expected` = block + down_proj's fp32 Gram + the MLP activations of one 8-row batch "
+        "(salience.quantize.quantize_model). Host: the child process's peak RSS (`ru_maxrss`: file pages "
+        "of memory-mapped shards counted, when they were mapped), and over the baseline after imports and "
+        "CUDA initialisation: sampled VmRSS and, in brackets, its anonymous part.", "",
+        "| model | machine | blocks | wall (s) | s/block | peak GPU alloc (GiB) | expected (GiB) | GPU budget "
+        "2 blocks + cache (GiB) | peak host RSS (GiB): ru_maxrss, over baseline [anon] | host budget 4 blocks "
+        "+ cache (GiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         wall = f"{e['wall_seconds']}"
@@ -244,17 +271,28 @@ def write_tables(entries: list[dict]):
             wall += f" (measured, {e['blocks_measured']} blocks); **{e['wall_seconds_full_model']} extrapolated " \
                     f"to {e['blocks_real']}**"
         gpu = f"{gib(e['peak_gpu_allocated']):.2f}" if "peak_gpu_allocated" in e else "-"
-        budget_gpu = gib(2 * e["block_bytes_16bit"] + e["activation_cache_bytes"] + e["gram_bytes"])
+        expected = f"{gib(e['expected_gpu_bytes']):.2f}" if "expected_gpu_bytes" in e else "-"
+        budget_gpu = gib(2 * e["block_bytes_16bit"] + e["activation_cache_bytes"])
         budget_host = gib(4 * e["block_bytes_16bit"] + e["activation_cache_bytes"])
+        over = gib(e["peak_vmrss_sampled"] - e["baseline_vmrss"])
         anon = gib(e["peak_rss_anon_sampled"] - e["baseline_rss_anon"])
         lines.append(f"| {e['model']} | {e['machine']} | {e['blocks_measured']}/{e['blocks_real']} | {wall} | "
-                     f"{e['seconds_per_block_median']} | {gpu} | {budget_gpu:.2f} | "
-                     f"{gib(e['peak_rss_bytes']):.2f} [{anon:.2f}] | {budget_host:.2f} |")
-    lines += ["", "Per-block phases (median seconds): forward = block forward + statistics, scale_search, "
-              "clip_quantize = clip search + quantize.", ""]
+                     f"{e['seconds_per_block_median']} | {gpu} | {expected} | {budget_gpu:.2f} | "
+                     f"{gib(e['peak_rss_bytes']):.2f}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} |")
+    lines += ["", "Per-block phases (median seconds): forward = the passes of the block over the calibration "
+              "rows (statistics, Grams), scale_search, clip_quantize = clip search + quantize.", ""]
     for e in entries:
         ph = {k: statistics.median(p.get(k, 0) for p in e["block_phases"]) for k in e["block_phases"][0]}
         lines.append(f"- {e['model']} ({e['device']}): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
+    peaks = [e for e in entries if e.get("gpu_phase_peaks")]
+    if peaks:
+        lines += ["", "Peak GPU memory allocated per phase (GiB; the largest over blocks, torch.cuda."
+                  "max_memory_allocated reset at each phase boundary). `pass p`: the block over the calibration "
+                  "rows accumulating the Grams of some scaling groups (the last pass writes the output); "
+                  "`search g`: the scale search of group g; `write`: packing, copy to the host.", ""]
+        for e in peaks:
+            lines.append(f"- {e['model']}: " + ", ".join(
+                f"{k} {gib(v['peak']):.2f}" for k, v in e["gpu_phase_peaks"].items()))
     (RESULTS / "quantize.md").write_text("\n".join(lines) + "\n")
 
 

@@ -117,10 +117,11 @@ def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Cal
 
 
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Q(W * s) / s in fp32: the weight the quantized model effectively applies to unscaled inputs."""
+    """Q(W * s) / s in fp32: the weight the quantized model effectively applies to unscaled inputs. One new
+    [N, K] fp32 tensor and one temporary (w * s promotes w to fp32 exactly as w.float() would)."""
     n, k = w.shape
-    ws = (w.float() * s).reshape(n, cfg.groups(k), -1)
-    return fake_quantize_grouped(ws, cfg.qmax).reshape(n, k) / s
+    ws = (w * s).reshape(n, cfg.groups(k), -1)
+    return fake_quantize_grouped(ws, cfg.qmax, inplace=True).reshape(n, k).div_(s)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """tr(dW G dW^T) = sum_t ||dW x_t||^2 for dW [N, K], G = X^T X [K, K]."""
-    return ((dw @ g) * dw).sum()
+    return (dw @ g).mul_(dw).sum()
 
 
 def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: torch.Tensor,
@@ -142,18 +143,21 @@ def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: tor
     n, k = w.shape
     rows = max(1, max_elems // k)
     if n <= rows:
-        return gram_loss(scaled_fake_quant(w, s, cfg) - w.float(), g)
-    return sum(gram_loss(scaled_fake_quant(w[r:r + rows], s, cfg) - w[r:r + rows].float(), g)
+        return gram_loss(scaled_fake_quant(w, s, cfg).sub_(w), g)
+    return sum(gram_loss(scaled_fake_quant(w[r:r + rows], s, cfg).sub_(w[r:r + rows]), g)
                for r in range(0, n, rows))
 
 
 def diag_blocks(g: torch.Tensor, n_groups: int, s: torch.Tensor | None = None) -> torch.Tensor:
-    """The n_groups diagonal [gs, gs] blocks of g [K, K]: [G, gs, gs]. With s [K], those of the Gram of the
-    scaled input X / s, i.e. g_ij / (s_i s_j), without forming the scaled [K, K] matrix."""
-    k = g.shape[0]
-    gs = k // n_groups
-    idx = torch.arange(n_groups, device=g.device)
-    b = g.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]
+    """The n_groups diagonal [gs, gs] blocks of g [K, K]: [G, gs, gs], a copy (a 3-D g is taken as those
+    blocks already). With s [K], those of the Gram of the scaled input X / s, i.e. g_ij / (s_i s_j),
+    without forming the scaled [K, K] matrix."""
+    if g.dim() == 3:
+        b, gs = g, g.shape[1]
+    else:
+        gs = g.shape[0] // n_groups
+        idx = torch.arange(n_groups, device=g.device)
+        b = g.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]
     if s is not None:
         sg = s.reshape(n_groups, gs)
         b = b / (sg[:, :, None] * sg[:, None, :])
@@ -179,14 +183,14 @@ def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: i
         best = torch.full_like(wmin, float("inf"))
         bmin, bmax = wmin.clone(), wmax.clone()
         steps = [1 - i / clip_grid for i in range(int(clip_grid * max_shrink))]
-        if asym:
-            ranges = [(wmin * a, wmax * b) for a in steps for b in steps]
+        if asym:  # made one at a time: the 100 [n, G] pairs of the default grid would hold ~100 MiB at once
+            ranges = ((wmin * a, wmax * b) for a in steps for b in steps)
         else:
-            ranges = [(torch.maximum(wmin, -absmax * a), torch.minimum(wmax, absmax * a)) for a in steps]
+            ranges = ((torch.maximum(wmin, -absmax * a), torch.minimum(wmax, absmax * a)) for a in steps)
         for lo, hi in ranges:
-            wq = fake_quantize_grouped(torch.minimum(torch.maximum(wg, lo[..., None]), hi[..., None]),
-                                       cfg.qmax, lo, hi)
-            dw = wq - wg
+            # clamp(w, lo, hi) = min(max(w, lo), hi), also where lo > hi
+            dw = fake_quantize_grouped(torch.clamp(wg, lo[..., None], hi[..., None]), cfg.qmax, lo, hi,
+                                       inplace=True).sub_(wg)
             loss = torch.einsum("ngi,gij,ngj->ng", dw, g_blocks, dw)
             better = loss < best
             best = torch.where(better, loss, best)

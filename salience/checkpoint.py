@@ -87,11 +87,14 @@ def check_quant_config(config, where) -> int | None:
     return qc.get("group_size", 128)
 
 
-def check_finite(name: str, t: torch.Tensor, where) -> torch.Tensor:
-    """t unchanged, or CheckpointError naming the tensor and file if it holds NaN or inf."""
+def check_finite(name: str, t: torch.Tensor, where, chunk: int = 1 << 24) -> torch.Tensor:
+    """t unchanged, or CheckpointError naming the tensor and file if it holds NaN or inf. Checked `chunk`
+    elements at a time with all() (a bool temporary of at most 16 MiB; sum() of the bool tensor would first
+    copy it to int64: 8 bytes per weight, 1 GiB for a 7B embedding); counted only to report."""
     if t.is_floating_point():
-        bad = t.numel() - int(torch.isfinite(t).sum())
-        if bad:
+        flat = t.reshape(-1)
+        if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+            bad = sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
             raise CheckpointError(f"{where}: tensor {name} has {bad} NaN/inf value(s) of {t.numel()}")
     return t
 
@@ -208,9 +211,9 @@ class CheckpointWriter:
         self._queued += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         search = {k: v.detach().to("cpu").contiguous() for k, v in search.items()}
+        self.wait()  # before the copy below: one copy of the activations in host memory at a time
         # a copy now: the caller overwrites x_next with the next block's output
         x = x_next.detach().to("cpu", copy=True) if x_next is not None and self.run is not None else None
-        self.wait()
         self._pending = self._pool.submit(self._write_block, i, tensors, search, report, x)
 
     def _write_block(self, i, tensors, search, report, x):
@@ -383,6 +386,121 @@ def quant_config(bits: int, group_size: int, not_converted=("lm_head",)) -> dict
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
+
+_FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}  # "BF16" -> torch.bfloat16
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain reads (os.preadv into fresh tensors), never memory-mapped.
+
+    safe_open maps the file, and every page a read touches then counts in the process's RSS (a 7B model's
+    shards: +4 GiB of file pages over a run). Read here, the bytes go through the page cache, which is
+    not part of the process, into one anonymous tensor per read.
+
+    Layout (the writer is save_streamed): u64 little-endian header length n, n bytes of JSON
+    {name: {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}}, then the
+    data, offsets relative to its start, row-major, little-endian. Every entry is checked when the file is
+    opened (size = prod(shape) * itemsize, inside the file), its dtype when it is read: a truncated or
+    malformed file fails with a CheckpointError naming it (and the tensor)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.entries = self._read_header()
+            if hasattr(os, "posix_fadvise"):  # larger kernel read-ahead: tensors are read front to back
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _fail(self, what: str):
+        raise CheckpointError(f"{self.path}: not a readable safetensors file ({what})")
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        b = os.pread(self._fd, n, offset)
+        if len(b) != n:
+            self._fail(f"{n} bytes expected at byte {offset}, the file ends first")
+        return b
+
+    def _read_header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        """name -> (dtype name, shape, start, end), start/end absolute byte offsets in the file."""
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            self._fail("shorter than its 8-byte header length")
+        n = int.from_bytes(self._pread(8, 0), "little")
+        if n > 100 << 20:  # safetensors' own limit
+            self._fail(f"header length {n} is over 100 MB")
+        if n > size - 8:
+            self._fail(f"header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(self._pread(n, 8))
+        except (UnicodeDecodeError, ValueError) as e:
+            self._fail(f"header is not JSON: {e}")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        start = 8 + n
+        entries = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (b, end) = e["dtype"], e["shape"], e["data_offsets"]
+                shape = tuple(shape)
+                ok = isinstance(dtype, str) and all(type(d) is int and d >= 0 for d in (*shape, b, end))
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                self._fail(f"tensor {name}: malformed entry {str(e)[:200]}")
+            if dtype in _FROM_ST and (end - b != math.prod(shape) * _FROM_ST[dtype].itemsize or b > end):
+                self._fail(f"tensor {name}: data_offsets {[b, end]} do not hold shape {list(shape)} of {dtype}")
+            if b > end or start + end > size:
+                self._fail(f"tensor {name} ends at byte {start + end}, the file has {size} (truncated?)")
+            entries[name] = (dtype, shape, start + b, start + end)
+        return entries
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype; CheckpointError for one salience does not read (checked here, not at open: a
+        stray tensor of another dtype that nothing reads is no error)."""
+        d = self.entries[name][0]
+        if d not in _FROM_ST:
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {d}, which salience does not read")
+        return _FROM_ST[d]
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` (rows r0:r1 of its leading dim if given) in new host memory, its stored dtype."""
+        dtype, (_, shape, b, e) = self.dtype(name), self.entries[name]
+        if rows is not None:
+            row = (e - b) // shape[0] if shape and shape[0] else 0  # bytes per row (row-major)
+            r0, r1 = max(0, rows[0]), min(shape[0], rows[1])
+            shape, b, e = (max(0, r1 - r0), *shape[1:]), b + r0 * row, b + max(r0, r1) * row
+        buf = torch.empty(e - b, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < e - b:  # Linux reads at most ~2 GiB per call (a 128K-vocabulary embedding is more)
+            got = os.preadv(self._fd, [view[done:]], b + done)
+            if got == 0:
+                self._fail(f"tensor {name}: the file ends at byte {b + done}, {e - b - done} bytes short")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def tensor_shapes(path: Path) -> dict[str, tuple[Path, tuple]]:
     """name -> (file, shape) over a folder's safetensors files, every header checked (a truncated or

@@ -2,7 +2,7 @@
 safetensors shards, so host memory holds a block or two and the calibration activations, never the model.
 
     skeleton (meta params, real buffers) <- embeddings, final norm   (what the block-input capture runs)
-    for block i:  shards --safe_open--> CPU (compute dtype, next block prefetched in a thread)
+    for block i:  shards --pread--> CPU (compute dtype, next block prefetched in a thread)
                   -> device -> quantize -> write -> params back to meta (freed)
 
 Each tensor takes the path `from_pretrained(dtype=...)` gives it (stored dtype -> the skeleton's dtype
@@ -18,15 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .arch import Arch, get_module
-from .checkpoint import _ST_DTYPES, CheckpointError, check_finite, read_config, tensor_shapes
+from .checkpoint import CheckpointError, SafetensorsFile, check_finite, read_config, tensor_shapes
 from .nn import params_on_meta
 
 INDEX = "model.safetensors.index.json"
-_FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
 def fixed_mmap_threshold(nbytes: int = 1 << 20):
@@ -57,16 +55,16 @@ class ShardedTensors:
         self.shapes = {k: shape for k, (_, shape) in found.items()}
 
     def read(self, names, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        """Load `names` to host memory, each converted to dtypes[name]. Each shard is opened and closed
-        here, so its memory map (and the file pages it touched) is released when this returns."""
+        """Load `names` to host memory, each converted to dtypes[name], with plain file reads
+        (checkpoint.SafetensorsFile): no memory map, so no file page counts in the process's RSS."""
         by_file: dict[Path, list[str]] = {}
         for k in names:
             by_file.setdefault(self.file_of[k], []).append(k)
         out = {}
         for f, keys in by_file.items():
-            with safe_open(f, "pt") as sf:
+            with SafetensorsFile(f) as sf:
                 for k in keys:
-                    t = check_finite(k, sf.get_tensor(k), f)
+                    t = check_finite(k, sf.get(k), f)
                     out[k] = t.to(dtypes[k]) if t.is_floating_point() and k in dtypes else t
         return out
 
@@ -103,8 +101,8 @@ def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = F
 class LazyBlocks:
     """The decoder blocks of a meta skeleton, materialised one at a time from the shards.
 
-    load(i) returns block i in host memory (read ahead while block i-1 was being quantized; the driver
-    moves it to the device);
+    load(i) returns block i in host memory (read ahead if prefetch(i) was called: the driver asks for
+    block i+1 once block i is on the device, so that the host holds one block, not two);
     release(i) turns its parameters back into meta tensors. `rest_entries` streams the non-block tensors
     (embeddings, final norm, untied head) from the shards for the writer."""
 
@@ -158,26 +156,19 @@ class LazyBlocks:
                 and not (self.tied and k == "lm_head.weight")]
         out = []
         for k in keys:
-            with safe_open(self.src.file_of[k], "pt") as sf:
-                sl = sf.get_slice(k)
-                shape = tuple(sl.get_shape())
-                if sl.get_dtype() not in _FROM_ST:
-                    raise CheckpointError(f"{self.src.file_of[k]}: tensor {k} has dtype {sl.get_dtype()}, "
-                                          "which salience does not read")
-                stored = _FROM_ST[sl.get_dtype()]
-                fp = stored.is_floating_point
+            f = self.src.file_of[k]
+            with SafetensorsFile(f) as sf:
+                stored, shape = sf.dtype(k), sf.shape(k)
+            final = (torch.float32 if keep_fp32(k) else dtype) if stored.is_floating_point else stored
 
-            final = (torch.float32 if keep_fp32(k) else dtype) if fp else stored
-
-            def chunks(k=k, shape=shape, final=final):
-                with safe_open(self.src.file_of[k], "pt") as sf:
+            def chunks(k=k, f=f, shape=shape, final=final):
+                with SafetensorsFile(f) as sf:
                     if len(shape) < 2:
-                        yield self._cast(sf.get_tensor(k), k, final)
+                        yield self._cast(sf.get(k), k, final)
                         return
-                    sl = sf.get_slice(k)
                     step = max(1, chunk_bytes // (math.prod(shape[1:]) * 4))
                     for r in range(0, shape[0], step):
-                        yield self._cast(sl[r:r + step], k, final)
+                        yield self._cast(sf.get(k, (r, r + step)), k, final)
             out.append((name_of(k), final, shape, chunks))
         return out
 
@@ -194,11 +185,14 @@ class LazyBlocks:
             for leaf, p in list(mod.named_parameters(recurse=False)):
                 mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
 
+    def prefetch(self, i: int):
+        """Start reading block i in a thread (load(i) takes it)."""
+        if self._pool is not None and i < len(self.layers) and i not in self._ahead:
+            self._ahead[i] = self._pool.submit(self._read, i)
+
     def load(self, i: int) -> nn.Module:
         fut = self._ahead.pop(i, None)
         sd = fut.result() if fut is not None else self._read(i)
-        if self._pool is not None and i + 1 < len(self.layers) and i + 1 not in self._ahead:
-            self._ahead[i + 1] = self._pool.submit(self._read, i + 1)
         block = self.layers[i]
         block.load_state_dict(sd, strict=True, assign=True)
         return block
@@ -223,6 +217,9 @@ class InMemoryBlocks:
 
     def load(self, i: int) -> nn.Module:
         return self.layers[i]
+
+    def prefetch(self, i: int):
+        pass
 
     def release(self, i: int, block: nn.Module):
         self.layers[i] = block.to("cpu")

@@ -36,15 +36,20 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column ORDER[i] of its 8-colu
 _SHIFTS = torch.arange(0, 32, BITS, dtype=torch.int32)  # nibble i sits at bit 4i
 
 
-def pack(codes: torch.Tensor) -> torch.Tensor:
-    """codes [R, N] integers in 0..15 -> int32 [R, N/8] in AWQ order."""
+def pack(codes: torch.Tensor, max_elems: int = 1 << 22) -> torch.Tensor:
+    """codes [R, N] integers in 0..15 -> int32 [R, N/8] in AWQ order. By chunks of rows of at most max_elems
+    codes (rows pack independently), so that the int32/int64 temporaries stay ~16-32 MiB each."""
     r, n = codes.shape
     if n % PACK:
         raise ValueError(f"AWQ GEMM packing needs the output dim to be a multiple of {PACK}, got {n}")
-    c = codes.to(torch.int32).reshape(r, n // PACK, PACK)[:, :, list(ORDER)]  # [R, N/8, 8], nibble order
-    words = (c << _SHIFTS.to(c.device)).sum(dim=-1, dtype=torch.int64)  # < 2^32, no overlap
-    # reinterpret the unsigned 32-bit value as int32 (two's complement)
-    return (words - ((words >> 31) << 32)).to(torch.int32)
+    out = torch.empty(r, n // PACK, dtype=torch.int32, device=codes.device)
+    step = max(1, max_elems // max(n, 1))
+    for r0 in range(0, r, step):
+        c = codes[r0:r0 + step].to(torch.int32).reshape(-1, n // PACK, PACK)[:, :, list(ORDER)]  # nibble order
+        words = (c << _SHIFTS.to(c.device)).sum(dim=-1, dtype=torch.int64)  # < 2^32, no overlap
+        # reinterpret the unsigned 32-bit value as int32 (two's complement)
+        out[r0:r0 + step] = words - ((words >> 31) << 32)
+    return out
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:

@@ -104,12 +104,15 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig, clip_min=None, clip_max=Non
     return dequantize(codes, scales, zeros, cfg, dtype=w.dtype)
 
 
-def fake_quantize_grouped(wg: torch.Tensor, qmax: int, wmin=None, wmax=None) -> torch.Tensor:
+def fake_quantize_grouped(wg: torch.Tensor, qmax: int, wmin=None, wmax=None, inplace: bool = False) -> torch.Tensor:
     """Fake-quantize an already grouped fp32 tensor [..., group_size] with ranges [...];
-    the hot loop of the searches (no reshapes, no integer dtype)."""
+    the hot loop of the searches (no reshapes, no integer dtype). inplace: wg is overwritten with the
+    result (the same values; no temporaries of wg's size)."""
     if wmin is None:
         wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
     scales = (wmax - wmin).clamp(min=1e-5) / qmax
     zeros = (-torch.round(wmin / scales)).clamp(0, qmax)
-    q = (torch.round(wg / scales[..., None]) + zeros[..., None]).clamp(0, qmax)
-    return (q - zeros[..., None]) * scales[..., None]
+    # q = clamp(round(w / scale) + zero, 0, qmax); w_hat = (q - zero) * scale
+    q = wg.div_(scales[..., None]) if inplace else wg / scales[..., None]
+    q.round_().add_(zeros[..., None]).clamp_(0, qmax)
+    return q.sub_(zeros[..., None]).mul_(scales[..., None])

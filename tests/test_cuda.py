@@ -88,3 +88,24 @@ def test_lazy_and_resume_on_cuda(tmp_path):
     p.wait()
     assert subprocess.run(cmd + ["--out", str(tmp_path / "out")], env=env).returncode == 0
     _same_checkpoint(tmp_path / "out", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe"])
+def test_passes_and_host_activations_on_cuda(model_type):
+    """The GPU default (Grams of a few groups per pass, activations in pinned host memory) computes the same
+    bits as one pass with all Grams at once: repeated forward passes are deterministic on the GPU too."""
+    from salience import quantize as Q
+    from salience.arch import arch_for
+
+    rows = torch.randint(0, 300, (6, 40), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for gram_bytes in (None, float("inf"), 0):
+        m = tiny_model(model_type, dtype=torch.bfloat16)
+        reps = Q.quantize_model(m, arch_for(m.config), QuantConfig(4, 32), rows, Q.awq.SearchConfig(),
+                                device="cuda", dtype=torch.bfloat16, batch_size=4, progress=False,
+                                gram_bytes=gram_bytes)
+        out[gram_bytes] = (m.state_dict(), [r["passes"] for r in reps])
+    assert out[None][1][0] > 1 and out[float("inf")][1] == [1, 1]
+    ref = out[float("inf")][0]
+    for sd, _ in out.values():
+        assert all(torch.equal(sd[k], ref[k]) for k in ref)

@@ -1,0 +1,102 @@
+"""What keeps the quantizer within its memory bounds changes no bit of the result: Grams accumulated a few
+groups per pass over the calibration rows (folds deferred to the last pass) against all in one pass, row
+chunks in quantize/pack, and the pass plan itself."""
+
+import pytest
+import torch
+
+from salience import quantize as Q
+from salience.arch import ScaleGroup, arch_for
+from salience.awq import SearchConfig
+from salience.packing import pack
+from salience.quant import QuantConfig
+
+from tiny import tiny_model
+
+
+def _run(model_type, scfg, gram_bytes, dtype=torch.bfloat16):
+    m = tiny_model(model_type)
+    rows = torch.randint(0, 300, (6, 40), generator=torch.Generator().manual_seed(1))
+    reports = Q.quantize_model(m, arch_for(m.config), QuantConfig(4, 32), rows, scfg, device="cpu", dtype=dtype,
+                               batch_size=4, progress=False, gram_bytes=gram_bytes)
+    return m.state_dict(), reports
+
+
+# llama: MHA (v -> o group); qwen2: GQA (o_proj in no group: clip search only); qwen2_moe: experts, router,
+# shared expert; deepseek_v3 with the output loss: a search that reads an earlier fold's module (the last pass)
+@pytest.mark.parametrize("model_type,scfg", [
+    ("llama", SearchConfig()), ("qwen2", SearchConfig(formula="both", refine=1)), ("qwen2_moe", SearchConfig()),
+    ("deepseek_v3", SearchConfig(loss="output", search_tokens=64)), ("llama", SearchConfig(propagate=True))])
+def test_passes_change_nothing(model_type, scfg):
+    one, rep1 = _run(model_type, scfg, float("inf"))
+    many, rep2 = _run(model_type, scfg, 0)  # one group (or orphan linear) per pass
+    assert all(r["passes"] == 1 for r in rep1) and any(r["passes"] > 2 for r in rep2)
+    assert one.keys() == many.keys()
+    for k in one:
+        assert torch.equal(one[k], many[k]), k
+    assert [r["groups"] for r in rep1] == [r["groups"] for r in rep2]
+
+
+def test_first_dependent():
+    m = tiny_model("deepseek_v3")
+    arch = arch_for(m.config)
+    block = m.model.layers[1]
+    groups = [g for g in Q.block_groups(block, arch) if Q._group_applies(block, g)]
+    assert Q._first_dependent(groups, SearchConfig()) == len(groups)  # Gram loss: own linears only
+    # output loss: q_b_proj's search runs self_attn, whose q_a_proj the first group's fold scales
+    i = Q._first_dependent(groups, SearchConfig(loss="output"))
+    assert groups[i].prev == "self_attn.q_a_layernorm"
+
+
+def test_plan_passes():
+    # Gram sizes of groups and orphans, budget, first dependent group
+    assert Q.plan_passes([1, 1, 2, 5], [], 4, 4) == [[0, 1, 2], [3]]
+    assert Q.plan_passes([1, 1, 1, 5], [1, 5], 4, 4) == [[5], [0, 1, 2, 4], [3]]
+    assert Q.plan_passes([1, 1, 2, 5], [], 4, 1) == [[0], [1, 2, 3]]  # from the dependent group on: last pass
+    assert Q.plan_passes([1, 1, 2, 5], [], float("inf"), 4) == [[0, 1, 2, 3]]
+    assert Q.plan_passes([], [], 0, 0) == [[]]  # RTN: one pass, the output only
+
+
+def test_gram_bytes_counts_shared_inputs_once():
+    m = tiny_model("qwen2_moe")
+    arch = arch_for(m.config)
+    block = m.model.layers[0]
+    from salience import moe
+
+    moe.unfuse(block, arch)
+    g = ScaleGroup("post_attention_layernorm", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                                                "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj",
+                                                "mlp.experts.1.gate_proj"), "mlp")
+    assert Q._gram_bytes(block, g.linears, "mlp.experts") == 3 * 4 * 64 * 64  # shared, expert 0, expert 1
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_quantize_linear_chunks(clip):
+    torch.manual_seed(0)
+    w = torch.randn(50, 96).bfloat16()
+    cfg = QuantConfig(4, 32)
+    cmin = cmax = None
+    if clip:
+        wg = w.float().reshape(50, 3, 32)
+        cmin, cmax = wg.amin(-1) * 0.9, wg.amax(-1) * 0.8
+    w1, w2 = w.clone(), w.clone()
+    a = Q.quantize_linear(w1, cfg, cmin, cmax)
+    b = Q.quantize_linear(w2, cfg, cmin, cmax, max_elems=96 * 7)  # 7 rows at a time
+    assert torch.equal(w1, w2) and not torch.equal(w1, w)
+    for x, y in [(a.codes, b.codes), (a.scales, b.scales), (a.zeros, b.zeros)]:
+        assert torch.equal(x, y)
+
+
+def test_pack_chunks():
+    codes = torch.randint(0, 16, (37, 64), dtype=torch.uint8)
+    assert torch.equal(pack(codes), pack(codes, max_elems=64 * 5))
+
+
+def test_capture_to_host():
+    m = tiny_model("llama")
+    arch = arch_for(m.config)
+    rows = torch.randint(0, 300, (5, 16))
+    x, calls = Q.capture_block_inputs(m, arch, rows, 2, "cpu")
+    xh, _ = Q.capture_block_inputs(m, arch, rows, 2, "cpu", host=True)
+    assert torch.equal(x, xh) and x.shape == (5, 16, 64) and len(calls[0]) == 3
+    assert torch.equal(x, m.model.embed_tokens(rows))
