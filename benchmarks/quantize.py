@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -124,6 +123,14 @@ class _RssSampler(threading.Thread):
             time.sleep(0.05)
 
 
+def _status_bytes(key: str) -> int:
+    """A '<key>: N kB' line of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def child(a):
     """Quantize `a.folder` once and print one JSON line of measurements."""
     import torch
@@ -171,7 +178,9 @@ def child(a):
         "wall_seconds": round(wall, 2),
         "block_seconds": [b["seconds"] for b in report["blocks"]],
         "block_phases": [b.get("phases", {}) for b in report["blocks"]],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child's ru_maxrss reports its
+        # parent's peak when that is higher (the parent builds the checkpoint)
+        "peak_vmhwm": _status_bytes("VmHWM"),
         "peak_vmrss_sampled": sampler.peak["VmRSS"], "peak_rss_anon_sampled": sampler.peak["RssAnon"],
         "baseline_vmrss": base["VmRSS"], "baseline_rss_anon": base["RssAnon"],
         "output_bytes": sum(f.stat().st_size for f in out.iterdir()),
@@ -257,11 +266,13 @@ def write_tables(entries: list[dict]):
         "no corpus): speed and memory only. `block` = one decoder block's 16-bit weights; `cache` = the bf16 "
         "activation buffer [rows, seqlen, hidden] (pinned host memory since the memory work; on the GPU "
         "before). `expected` = block + down_proj's fp32 Gram + the MLP activations of one 8-row batch "
-        "(salience.quantize.quantize_model). Host: the child process's peak RSS (`ru_maxrss`: file pages "
-        "of memory-mapped shards counted, when they were mapped), and over the baseline after imports and "
-        "CUDA initialisation: sampled VmRSS and, in brackets, its anonymous part.", "",
+        "(salience.quantize.quantize_model). Host: the child process's peak RSS (VmHWM; `-` for runs that "
+        "recorded ru_maxrss instead, which Linux carries over from the parent across execve, so it showed "
+        "the parent's peak while building the checkpoint), and over the baseline after imports and CUDA "
+        "initialisation (0.9-1 GiB: CUDA context and libraries): sampled VmRSS and, in brackets, its "
+        "anonymous part; the budget applies to the latter pair.", "",
         "| model | machine | blocks | wall (s) | s/block | peak GPU alloc (GiB) | expected (GiB) | GPU budget "
-        "2 blocks + cache (GiB) | peak host RSS (GiB): ru_maxrss, over baseline [anon] | host budget 4 blocks "
+        "2 blocks + cache (GiB) | peak host RSS (GiB): VmHWM, over baseline [anon] | host budget 4 blocks "
         "+ cache (GiB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -276,9 +287,10 @@ def write_tables(entries: list[dict]):
         budget_host = gib(4 * e["block_bytes_16bit"] + e["activation_cache_bytes"])
         over = gib(e["peak_vmrss_sampled"] - e["baseline_vmrss"])
         anon = gib(e["peak_rss_anon_sampled"] - e["baseline_rss_anon"])
+        hwm = f"{gib(e['peak_vmhwm']):.2f}" if "peak_vmhwm" in e else "-"
         lines.append(f"| {e['model']} | {e['machine']} | {e['blocks_measured']}/{e['blocks_real']} | {wall} | "
                      f"{e['seconds_per_block_median']} | {gpu} | {expected} | {budget_gpu:.2f} | "
-                     f"{gib(e['peak_rss_bytes']):.2f}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} |")
+                     f"{hwm}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} |")
     lines += ["", "Per-block phases (median seconds): forward = the passes of the block over the calibration "
               "rows (statistics, Grams), scale_search, clip_quantize = clip search + quantize.", ""]
     for e in entries:

@@ -179,6 +179,6 @@ def test_quantize_benchmark_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     e = json.loads((tmp_path / "res" / "quantize.json").read_text())[0]
     assert e["extrapolated"] and e["blocks_measured"] == 2 and e["blocks_real"] == 4
-    assert e["peak_rss_bytes"] > 0 and len(e["block_seconds"]) == 2
+    assert e["peak_vmhwm"] > 0 and len(e["block_seconds"]) == 2
     assert "extrapolated to 4" in (tmp_path / "res" / "quantize.md").read_text()
     assert not (tmp_path / "work" / "tiny-random").exists()  # scratch deleted
