@@ -12,12 +12,14 @@ tests' processes alone. triton must be installed: without it the child fails, an
 import itertools
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    from interpreter import rerun_under_interpreter
+except ImportError:  # tests/ imported as a package
+    from tests.interpreter import rerun_under_interpreter
 
 from salience.kernels import PackedInt4, dequantize_awq, int4_linear
 try:
@@ -37,16 +39,9 @@ if RUN_HERE:
 
 
 def test_triton_kernels_in_interpreter():
-    """Without CUDA: run this file's cases in a child process under Triton's interpreter."""
-    if RUN_HERE:
-        return  # this process runs the cases itself
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, \
-        f"interpreted Triton kernel tests failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
-    print(r.stdout.strip().splitlines()[-1])
+    """Without CUDA: this file's cases in a child process under Triton's interpreter."""
+    if not RUN_HERE:
+        print(rerun_under_interpreter(__file__))
 
 
 DEV = "cuda" if CUDA else "cpu"
