@@ -47,7 +47,7 @@ import triton.language as tl
 from .layout import UNIT, WORDS
 from .linear import LOCKS
 
-GEMV_MAX_M = 1  # tokens up to which _gemv_kernel runs
+GEMV_MAX_M = 1  # tokens up to which the GEMV (gemv(): _gemv_wide_kernel or _gemv_kernel) runs
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
