@@ -414,11 +414,11 @@ def _geometry(p):
     return (UNIT // gs, 1) if gs < UNIT else (1, gs // UNIT)
 
 
-def _split(tiles: int, n_units: int, step: int, sms: int, split):
-    """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty.
-    Block sizes must divide Np (a multiple of 128)."""
+def _split(tiles: int, n_units: int, step: int, sms: int, split, waves: int = SPLIT_WAVES):
+    """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty; about
+    `waves` programs per SM unless `split` is given. Block sizes must divide Np (a multiple of 128)."""
     if split is None:
-        split = max(1, min(SPLIT_WAVES * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
+        split = max(1, min(waves * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
     if tiles > LOCKS:  # one counter per tile
         split = 1
     ups = -(-n_units // split)
@@ -459,7 +459,7 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
-    n_split, ups = _split(tiles * m, n_units, wide, max(_n_sms(x2) * waves // SPLIT_WAVES, 1), split)
+    n_split, ups = _split(tiles * m, n_units, wide, _n_sms(x2), split, waves)
     args = (*_launch_args(x2, p, bias, out, n_split, m),
             m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
