@@ -105,29 +105,36 @@ def start_server(a, model: Path, port: int, log):
             time.sleep(0.5)
 
 
-async def http_client(client, queue: asyncio.Queue, a, results: list):
+async def drain(queue: asyncio.Queue, results: list, request):
+    """One client: takes request indices until the queue is empty and times each one.
+    request(i, t0) -> (seconds to the first text or None, completion tokens, error or None)."""
     while True:
         try:
             i = queue.get_nowait()
         except asyncio.QueueEmpty:
             return
         t0 = time.perf_counter()
-        ttft, tokens, err = None, 0, None
-        try:
-            stream = await client.completions.create(model="bench", prompt=prompt(i, None),
-                                                     max_tokens=max_tokens(i, a), temperature=0, stream=True,
-                                                     stream_options={"include_usage": True})
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text and ttft is None:
-                    ttft = time.perf_counter() - t0
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
-            if tokens == 0:
-                err = "no usage chunk / no tokens"
-        except Exception as e:  # noqa: BLE001 - a failed request is counted and reported, not fatal
-            err = f"{type(e).__name__}: {e}"
+        ttft, tokens, err = await request(i, t0)
         results.append({"i": i, "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens,
                         "error": err})
+
+
+async def http_request(client, a, i: int, t0: float):
+    ttft, tokens, err = None, 0, None
+    try:
+        stream = await client.completions.create(model="bench", prompt=prompt(i, None),
+                                                 max_tokens=max_tokens(i, a), temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        if tokens == 0:
+            err = "no usage chunk / no tokens"
+    except Exception as e:  # noqa: BLE001 - a failed request is counted and reported, not fatal
+        err = f"{type(e).__name__}: {e}"
+    return ttft, tokens, err
 
 
 async def http_load(a, port: int, n: int, clients: int) -> tuple[list, float]:
@@ -138,7 +145,8 @@ async def http_load(a, port: int, n: int, clients: int) -> tuple[list, float]:
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                 http_client=http)
     try:
-        return await run_clients(lambda q, res: http_client(client, q, a, res), n, clients, a.timeout)
+        return await run_clients(lambda q, res: drain(q, res, lambda i, t0: http_request(client, a, i, t0)), n,
+                                 clients, a.timeout)
     finally:
         await http.aclose()
 
@@ -188,37 +196,29 @@ def random_engine(shape: str, device: str, dtype: str):
     return Engine(Runner(m), IdTokenizer(m.c.vocab), "engine", eos=set(), name=f"random {shape} W4 g128")
 
 
-async def inproc_client(sched, eng, queue: asyncio.Queue, a, vocab, results: list):
+async def inproc_request(sched, eng, a, vocab, i: int, t0: float):
     from salience.serve import Channel, Request, prepare
 
-    while True:
-        try:
-            i = queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return
-        t0 = time.perf_counter()
-        ttft, tokens, err = None, 0, None
-        out = Channel(asyncio.get_running_loop())
-        r = Request("completion", "bench", prompts=[prompt(i, vocab)], max_tokens=max_tokens(i, a),
-                    temperature=0.0)
-        jobs = prepare(r, eng, out, sched.lock)
-        sched.submit(jobs)
-        try:
-            while True:
-                ev = await out.get()
-                if ev[0] == "text" and ttft is None:
-                    ttft = time.perf_counter() - t0
-                elif ev[0] == "end":
-                    tokens = ev[3]
-                    break
-                elif ev[0] == "error":
-                    err = ev[1]
-                    break
-        finally:
-            for j in jobs:
-                j.cancelled = True  # the load timed out: nothing left running
-        results.append({"i": i, "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens,
-                        "error": err})
+    ttft, tokens, err = None, 0, None
+    out = Channel(asyncio.get_running_loop())
+    r = Request("completion", "bench", prompts=[prompt(i, vocab)], max_tokens=max_tokens(i, a), temperature=0.0)
+    jobs = prepare(r, eng, out, sched.lock)
+    sched.submit(jobs)
+    try:
+        while True:
+            ev = await out.get()
+            if ev[0] == "text" and ttft is None:
+                ttft = time.perf_counter() - t0
+            elif ev[0] == "end":
+                tokens = ev[3]
+                break
+            elif ev[0] == "error":
+                err = ev[1]
+                break
+    finally:
+        for j in jobs:
+            j.cancelled = True  # the load timed out: nothing left running
+    return ttft, tokens, err
 
 
 def run_inproc(a, model: Path | None) -> tuple[list, float, dict, object]:
@@ -234,8 +234,9 @@ def run_inproc(a, model: Path | None) -> tuple[list, float, dict, object]:
     sched = Scheduler(eng, max_batch=a.max_batch, kv_tokens=a.kv_tokens)
     try:
         async def go(n, clients):
-            return await run_clients(lambda q, res: inproc_client(sched, eng, q, a, vocab, res), n, clients,
-                                     a.timeout)
+            return await run_clients(
+                lambda q, res: drain(q, res, lambda i, t0: inproc_request(sched, eng, a, vocab, i, t0)), n,
+                clients, a.timeout)
 
         asyncio.run(go(1, 1))  # waits for the cache to open (GPU: graphs captured) and warms up
         print(f"cache open and warm in {time.perf_counter() - t0:.1f} s", flush=True)
