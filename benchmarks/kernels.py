@@ -339,7 +339,7 @@ def sweep(out_dir):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             best = None
             for cfg in gemv_cfgs:
-                tiles = p0.qweight.shape[0] // cfg["block_n"] * m
+                tiles = p0.n // cfg["block_n"] * m
                 for waves in (2, 4, 8):
                     split = max(1, min(waves * sms // tiles, n_units // 2, 32))
                     t, _ = gpu_time([lambda p=p: T.gemv(x, p, split=split, **cfg) for p in ps], target_s=0.01)
@@ -452,6 +452,77 @@ def sweep_gemv(out_dir, ms=(1,)):
                                                                       indent=0))
 
 
+def row_major(p):
+    """The same PackedInt4 with its codes stored the pre-tiling way, row-major [Np, Kp/8] (each row's units
+    contiguous, rows Kp/2 bytes apart), handed to the kernels as a strided [Np/128, units, 128, 16] view."""
+    from salience.kernels.layout import rows_view
+
+    rm = rows_view(p.qweight).reshape(p.qweight.shape[0] * 128, -1).contiguous()  # [Np, Kp/8]
+    nb, units = p.qweight.shape[:2]
+    view = rm.view(nb, 128, units, 16).permute(0, 2, 1, 3)  # strides (128 Kp/8, 16, Kp/8, 1)
+    return dataclasses.replace(p, qweight=view, locks=p.locks.clone())
+
+
+def sweep_layout(out_dir, deadline_s=None):
+    """Tiled layout (8 KiB tiles of 128 rows x 1 unit, layout.py) against the earlier row-major order,
+    same kernels, same run: M = 1 GEMV over (BLOCK_N, units per step, split waves, stages) and the GEMM at
+    M = 4, 16, 64, on the 7B/8B shapes, with tinygemm and cuBLAS bf16 as references. Writes
+    kernels_sweep_layout.json; prints the best of each layout per shape."""
+    from salience.kernels import triton_int4 as T
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
+    gemv_cfgs = [dict(block_n=bn, wide=u, waves=wv, stages=st, num_warps=4)
+                 for bn in (128, 64) for u in (1, 2) for wv in (1, 2, 4) for st in (2, 3, 4)]
+    gemm_cfgs = [dict(block_n=bn, num_stages=ns, split=sp) for bn in (128, 64) for ns in (3, 4) for sp in (None, 1)]
+    res, t0 = [], time.time()
+    for k, n in shapes:
+        if deadline_s and time.time() - t0 > deadline_s:
+            print(f"deadline: skipping K={k} N={n}", flush=True)
+            continue
+        awq = random_awq(k, n, GS, "cuda", seed=1)
+        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+        nc = n_copies(n * k // 2, l2)
+        lay = {"tiled": [p0] + [copy_packed(p0) for _ in range(nc - 1)]}
+        lay["rowmajor"] = [row_major(p) for p in lay["tiled"]]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
+        tg = tinygemm_weights(*awq, GS)
+        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(nc - 1)]
+        for m in (1, 4, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            byt = int4_bytes(n, k, m)
+            ref = x.float() @ T.dequantize(p0, torch.float32).t()
+            base = {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
+                    "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
+                                      for t in tgs], target_s=0.01)[0]}
+            for name, ps in lay.items():
+                base[f"default_{name}"] = gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0]
+            best = {}
+            for name, ps in lay.items():
+                kern, cfgs = (T.gemv, gemv_cfgs) if m == 1 else (T.gemm, gemm_cfgs)
+                for cfg in cfgs:
+                    y = kern(x, ps[0], **cfg).float()
+                    err = ((y - ref).norm() / ref.norm()).item()
+                    t, _ = gpu_time([lambda p=p: kern(x, p, **cfg) for p in ps], target_s=0.01)
+                    res.append({"k": k, "n": n, "m": m, "layout": name, "cfg": cfg, "us": t * 1e6,
+                                "tbs": byt / t / 1e12, "rel_err": err})
+                    if name not in best or t < best[name][0]:
+                        best[name] = (t, cfg)
+            res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
+            bt, br = best["tiled"][0], best["rowmajor"][0]
+            print(f"K={k:5} N={n:6} M={m:2} | tiled best {bt * 1e6:7.1f} us {byt / bt / 1e12:4.2f} TB/s "
+                  f"{best['tiled'][1]} | rowmajor best {br * 1e6:7.1f} us {byt / br / 1e12:4.2f} TB/s | "
+                  f"tiled/rowmajor x{br / bt:4.2f} | default tiled {base['default_tiled'] * 1e6:7.1f} "
+                  f"rowmajor {base['default_rowmajor'] * 1e6:7.1f} | x tiny {base['tiny'] / bt:4.2f} "
+                  f"x bf16 {base['bf16'] / bt:4.2f}", flush=True)
+        del lay, ws, tgs, p0, awq
+        torch.cuda.empty_cache()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "kernels_sweep_layout.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
+                                                                      indent=0))
+
+
 # --------------------------------------------------------------------------------------------- CPU
 
 
@@ -556,6 +627,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="GPU: block-size sweep of each kernel")
     ap.add_argument("--sweep-regs", action="store_true", help="GPU: register caps for the small-M kernels")
     ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV configurations (BLOCK_N, units per step, stages, waves)")
+    ap.add_argument("--sweep-layout", action="store_true",
+                    help="GPU: tiled vs row-major code layout, GEMV and GEMM configurations, same kernels")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -579,6 +652,9 @@ def main():
         return
     if a.sweep_gemv:
         sweep_gemv(a.out)
+        return
+    if a.sweep_layout:
+        sweep_layout(a.out, a.deadline)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

@@ -55,7 +55,8 @@ def test_reference_is_linear():
 def test_gpu_layout_round_trip(n, k, gs):
     qweight, qzeros, scales = awq_linear(n, k, gs)
     qw, sz, kgs = layout.repack_gpu(qweight, qzeros, scales, gs)
-    np_, kp = qw.shape[0], qw.shape[1] * 8
+    np_, kp = qw.shape[0] * qw.shape[2], qw.shape[1] * layout.UNIT
+    assert qw.shape[2:] == (layout.N_ALIGN, layout.WORDS) and qw.is_contiguous()
     assert np_ % layout.N_ALIGN == 0 and kp % layout.UNIT == 0 and np_ >= n and kp >= k
     codes = packing.unpack(qweight).t()  # [N, K]
     back = layout.unpack_gpu(qw)
@@ -78,8 +79,11 @@ def test_gpu_layout_drawn_example():
     qzeros = packing.pack(torch.zeros(1, 8, dtype=torch.int64))
     scales = torch.ones(1, 8, dtype=torch.float16)
     qw, _, _ = layout.repack_gpu(qweight, qzeros, scales, 128)
-    assert qw[0, 3].item() == 0x33333333
-    assert [w & 0xFFFFFFFF for w in qw[0].tolist()] == [0x11111111 * s for s in range(16)]
+    words = layout.rows_view(qw)[0, 0]  # row 0, unit 0: 16 words
+    assert words[3].item() == 0x33333333
+    assert [w & 0xFFFFFFFF for w in words.tolist()] == [0x11111111 * s for s in range(16)]
+    # the 128 rows' words of one unit are one contiguous tile: row r's 16 words at 16 r
+    assert torch.equal(qw[0, 0].reshape(-1)[:16], words)
 
 
 def test_group_size_must_be_multiple_of_32():

@@ -188,6 +188,29 @@ def test_int4_linear_dispatch(m, dtype):
     check(y[0], x, awq, gs, b, p)
 
 
+def test_kernels_read_any_strides():
+    """The kernels take qweight's strides: the codes stored row-major ([Np, Kp/8], the order before the
+    8 KiB tiles; benchmarks/kernels.py --sweep-layout times it) and seen through a strided view give
+    the same outputs bit for bit."""
+    import dataclasses
+
+    from salience.kernels import layout
+
+    p, _ = packed(136, 1024, 128)
+    nb, units = p.qweight.shape[:2]
+    rm = layout.rows_view(p.qweight).reshape(nb * 128, units * 16).contiguous()
+    view = rm.view(nb, 128, units, 16).permute(0, 2, 1, 3)
+    assert not view.is_contiguous()
+    q = dataclasses.replace(p, qweight=view, locks=p.locks.clone())
+    x, b = inputs(3, 1024, 136, BF16, True)
+    assert torch.equal(T.gemv(x, p, b, split=3), T.gemv(x, q, b, split=3))
+    assert torch.equal(T.gemv(x[:1], p, b, wide=2), T.gemv(x[:1], q, b, wide=2))
+    assert torch.equal(T.gemm(x, p, b, split=2, block_n=64), T.gemm(x, q, b, split=2, block_n=64))
+    assert torch.equal(T.dequantize(p, BF16), T.dequantize(q, BF16))
+    with pytest.raises(ValueError, match="divide 128"):
+        T.gemv(x, p, block_n=96)
+
+
 def test_split_k_is_deterministic():
     p, _ = packed(136, 1024, 128)
     x, _ = inputs(3, 1024, 136, F16, False)

@@ -1,7 +1,7 @@
 """Kernel layouts, repacked once at load time from the AWQ GEMM tensors (reference.py restates that layout).
 
-GPU layout: unit-interleaved, packed along K
---------------------------------------------
+GPU layout: unit-interleaved codes, tiles of 128 rows x 1 unit stored contiguously
+-------------------------------------------------------------------------------------
 Codes are stored per output row n (like nn.Linear.weight), 8 codes of one row per int32 word. K is cut
 into units of UNIT = 128 codes, 16 words per unit. Inside a unit, word s (0..15) holds in its nibble i
 (bits 4i..4i+3) the code of k = 16 i + s:
@@ -21,7 +21,20 @@ So nibble i of the 16 words of a unit (one 64-byte load) gives 16 consecutive co
 a kernel shifts a whole [rows, 16] tile by 4i and multiplies it with x[16i : 16i + 16]; no gather, no
 shuffle. A 16-code slice never straddles a group for group sizes 32, 64, 128, ...
 
-    qweight int32 [Np, Kp/8]   word (n, 16u + s), nibble i  <-  code (n, 128u + 16i + s)
+Rows are then taken in blocks of 128, and the 128 rows' words of one unit form one contiguous 8 KiB
+tile; a block's tiles follow each other along K:
+
+    qweight int32 [Np/128, Kp/128, 128, 16]     [row block b, unit u, row r, word s]
+                                                 nibble i  <-  code (128b + r, 128u + 16i + s)
+
+    memory:  | b=0,u=0: rows 0..127 x 16 words | b=0,u=1: rows 0..127 | ... | b=1,u=0: rows 128..255 | ...
+                  (8 KiB, contiguous)              (8 KiB)
+
+A kernel tile of BLOCK_N <= 128 rows (BLOCK_N divides 128) and U units is then U contiguous runs of
+BLOCK_N * 64 bytes, and a program walking K streams one contiguous range: DRAM sees long bursts
+rather than one 64-byte piece per row (the row-major [Np, Kp/8] order of earlier versions, which the
+kernels can still read through a strided view; benchmarks/kernels.py --sweep-layout times both).
+
     sz      int32 [Gp, Np]     per group and row: bits 0-15 the AWQ fp16 scale (unchanged, exact),
                                bits 16-23 the integer zero point. One 4-byte load gives both (and
                                4-byte loads are what cp.async, Triton's pipelined loads, can move).
@@ -88,7 +101,7 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def repack_gpu(qweight, qzeros, scales, group_size: int):
-    """AWQ GEMM tensors -> (qweight int32 [Np, Kp/8], sz int32 [Gp, Np], kernel group size).
+    """AWQ GEMM tensors -> (qweight int32 [Np/128, Kp/128, 128, 16], sz int32 [Gp, Np], kernel group size).
     See the module docstring for the layout."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     gs = group_size_of(k, scales.shape[0], group_size)
@@ -100,7 +113,8 @@ def repack_gpu(qweight, qzeros, scales, group_size: int):
     c = codes.reshape(np_, kp // UNIT, 8, WORDS).transpose(2, 3)  # [Np, units, s, i]
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=c.device)
     words = (c << shifts).sum(dim=-1)  # [Np, units, 16], < 2^32, nibbles do not overlap
-    qw = _to_int32(words).reshape(np_, kp // 8).contiguous()
+    # [Np, units, 16] -> [Np/128, 128, units, 16] -> [Np/128, units, 128, 16]: one 8 KiB tile per (block, unit)
+    qw = _to_int32(words).reshape(np_ // N_ALIGN, N_ALIGN, kp // UNIT, WORDS).transpose(1, 2).contiguous()
     s_bits = _pad(s, np_, gp).view(torch.int16).to(torch.int32) & 0xFFFF  # [Np, Gp]
     sz = (s_bits | (_pad(z, np_, gp) << 16)).t().contiguous()  # [Gp, Np]
     return qw, sz, kgs
@@ -112,12 +126,19 @@ def unpack_sz(sz: torch.Tensor):
     return s, ((sz >> 16) & 0xFF).to(torch.uint8)
 
 
+def rows_view(qw: torch.Tensor) -> torch.Tensor:
+    """The GPU qweight [Np/128, units, 128, 16] as [Np, units, 16] (row n, unit u, word s); a copy."""
+    nb, units, rows, words = qw.shape
+    return qw.transpose(1, 2).reshape(nb * rows, units, words)
+
+
 def unpack_gpu(qw: torch.Tensor) -> torch.Tensor:
-    """Inverse of the GPU packing: int32 [Np, Kp/8] -> codes uint8 [Np, Kp] (for tests)."""
-    np_, kw = qw.shape
+    """Inverse of the GPU packing: int32 [Np/128, Kp/128, 128, 16] -> codes uint8 [Np, Kp] (for tests)."""
+    w = rows_view(qw)  # [Np, units, 16]
+    np_, units, _ = w.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qw.device)
-    nib = (qw.reshape(np_, kw // WORDS, WORDS, 1) >> shifts) & 0xF  # [Np, units, s, i]
-    return nib.transpose(2, 3).reshape(np_, kw * 8).to(torch.uint8)
+    nib = (w[..., None] >> shifts) & 0xF  # [Np, units, s, i]
+    return nib.transpose(2, 3).reshape(np_, units * UNIT).to(torch.uint8)
 
 
 def repack_cpu(qweight, qzeros, scales, group_size: int, dtype: torch.dtype):

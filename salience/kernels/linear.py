@@ -26,7 +26,7 @@ LOCKS = 4096  # split-K arrival counters per PackedInt4 on CUDA (one per output 
 class PackedInt4:
     """A 4-bit linear (N outputs, K inputs) in the layout of the device it lives on (layout.py).
 
-    layout "triton" (CUDA; on CPU tensors only for the interpreter): qweight int32 [Np, Kp/8],
+    layout "triton" (CUDA; on CPU tensors only for the interpreter): qweight int32 [Np/128, Kp/128, 128, 16],
         scales = sz int32 [Gp, Np] (fp16 scale bits | zero << 16), locks int32 (split-K counters,
         zero between calls).
     layout "tinygemm_cpu": qweight uint8 (tinygemm's packing), scales = scales_and_zeros [K/g, Np, 2]

@@ -115,6 +115,15 @@ def _below(a, b, SHAPE: tl.constexpr):
 
 
 @triton.jit
+def _w_rows(w_ptr, pid_n, BN: tl.constexpr, SWB, SWR):
+    """Pointers to unit 0 of the BN weight rows of tile pid_n ([BN]); unit u is at + u * SWU.
+    Rows sit in blocks of 128 (layout.py): row n is at (n // 128) * SWB + (n % 128) * SWR. BN divides 128,
+    so a tile never straddles two blocks."""
+    r0 = pid_n * BN
+    return w_ptr + (r0 // 128) * SWB + ((r0 % 128) + tl.arange(0, BN)) * SWR
+
+
+@triton.jit
 def _x_unit(x_row, u, ok, K, MASK_K: tl.constexpr):
     """x of one unit as 8 vectors of 16 (nibble i: k = 128u + 16i + 0..15), masked by ok [16]."""
     base = x_row + u * 128
@@ -170,7 +179,7 @@ def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
+                 M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
                  BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr):
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
@@ -186,19 +195,19 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rs = tl.arange(0, _WORDS)
-    w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None] + rs[None, :]  # [BN, 16]
     sz_row = sz_ptr + rn  # [BN]
     x_row = x_ptr + m * stride_xm + rs  # [16]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
 
     acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
-    words = tl.load(w_base + u_lo * _WORDS)
+    words = tl.load(w_base + u_lo * SWU)
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_unit(x_row, u_lo, rs >= 0, K, MASK_K)
     if SUB == 1:
         sz = tl.load(sz_row + (u_lo // UPG) * NP)
     for u in range(u_lo, u_hi):
-        nxt = tl.load(w_base + (u + 1) * _WORDS, mask=_below(u + 1, u_hi, [BN, 1]), other=0)
+        nxt = tl.load(w_base + (u + 1) * SWU, mask=_below(u + 1, u_hi, [BN, 1]), other=0)
         n0, n1, n2, n3, n4, n5, n6, n7 = _x_unit(x_row, u + 1, _below(u + 1, u_hi, [_WORDS]), K, MASK_K)
         if SUB == 1:
             nsz = tl.load(sz_row + ((u + 1) // UPG) * NP, mask=_below(u + 1, u_hi, [BN]), other=0)
@@ -229,7 +238,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                      M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
+                      M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       STAGES: tl.constexpr):
     """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
@@ -244,14 +253,14 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     ru = tl.arange(0, U)
     rs = tl.arange(0, _WORDS)
-    w_base = w_ptr + rn[:, None, None] * KW + ru[None, :, None] * _WORDS + rs[None, None, :]  # [BN, U, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
     x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     acc = tl.zeros([BN, U, _WORDS], dtype=tl.float32)
     for u in tl.range(u_lo, u_hi, U, num_stages=STAGES):
         uok = (u + ru) < u_hi  # [U]
-        words = tl.load(w_base + u * _WORDS, mask=uok[None, :, None], other=0)
+        words = tl.load(w_base + u * SWU, mask=uok[None, :, None], other=0)
         s16, c = _scale_zero(tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None],
                                      mask=uok[None, :], other=0))  # [BN, U]
         for i in tl.static_range(8):
@@ -283,7 +292,7 @@ def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, KW, UPG, n_units, units_per_split, stride_xm, stride_om,
+                 M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr,
                  MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16], times x[:, 16 codes].T on the
@@ -305,7 +314,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rs = tl.arange(0, _WORDS)
-    w_base = w_ptr + rn[:, None] * KW + rs[None, :]  # [BN, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None] + rs[None, :]  # [BN, 16]
     x_base = x_ptr + rm[:, None] * stride_xm + rs[None, :]  # [BM, 16]
     m_ok = rm[:, None] < M
     u_lo = pid_k * units_per_split
@@ -315,7 +324,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for u in range(u_lo, u_hi):
-        words = tl.load(w_base + u * _WORDS)  # [BN, 16] int32
+        words = tl.load(w_base + u * SWU)  # [BN, 16] int32
         xk = x_base + u * 128
         for i in tl.static_range(8):
             if i % NPG == 0:
@@ -359,7 +368,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "K", "n_units", "ONE"])
-def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
+def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, SWB, SWR, SWU, UPG, n_units, ONE,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
     """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
     NPG: tl.constexpr = 8 // SUB
@@ -368,10 +377,11 @@ def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, KW, UPG, n_units, ONE,
     rn = pid_n * BN + tl.arange(0, BN)
     rs = tl.arange(0, _WORDS)
     n_ok = rn[:, None] < N
+    w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)
     for r in tl.static_range(NU):
         u = pid_u * NU + r
         u_ok = _below(u, n_units, [BN])
-        words = tl.load(w_ptr + rn[:, None] * KW + u * _WORDS + rs[None, :], mask=u_ok[:, None], other=0)
+        words = tl.load(w_rows[:, None] + u * SWU + rs[None, :], mask=u_ok[:, None], other=0)
         if SUB == 1:
             s16, c = _scale_zero(tl.load(sz_ptr + (u // UPG) * NP + rn, mask=u_ok, other=0))
             s16 = s16[:, None]
@@ -426,8 +436,23 @@ def _split(tiles: int, n_units: int, step: int, sms: int, split, waves: int = SP
     return -(-n_units // ups), ups
 
 
+def _w_geometry(p):
+    """(Np, n_units, (SWB, SWR, SWU)): padded rows, units along K, and the word strides of p.qweight
+    [Np/128, units, 128, 16] (block of 128 rows, row, unit). The kernels read any strides: the layout of
+    layout.py, or a view of another (benchmarks/kernels.py times the row-major one through a view)."""
+    nb, n_units, rows, words = p.qweight.shape
+    swb, swu, swr, one = p.qweight.stride()
+    assert rows == 128 and words == WORDS and one == 1, "qweight must be [Np/128, units, 128, 16]"
+    return nb * rows, n_units, (swb, swr, swu)
+
+
+def _check_block_n(bn: int):
+    if bn > 128 or 128 % bn:
+        raise ValueError(f"BLOCK_N must divide 128 (a tile stays inside one block of 128 rows), got {bn}")
+
+
 def _launch_args(x2, p, bias, out, n_split, m_rows):
-    np_ = p.qweight.shape[0]
+    np_ = p.qweight.shape[0] * p.qweight.shape[2]
     ws = torch.empty(n_split, m_rows, np_, device=x2.device, dtype=torch.float32) if n_split > 1 else out
     b = bias if bias is not None else out
     return (x2, p.qweight, p.scales, b, out, ws, p.locks)
@@ -451,17 +476,17 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
     waves: split-K aims at this many programs per SM."""
     m, k = x2.shape
-    np_, kw = p.qweight.shape
-    n_units = kw // WORDS
+    np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
     use_wide = sub == 1 and k % UNIT == 0
     bn0, wide0, waves0 = _gemv_config(np_) if use_wide else (128, 1, SPLIT_WAVES)
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
+    _check_block_n(block_n)
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
     n_split, ups = _split(tiles * m, n_units, wide, _n_sms(x2), split, waves)
     args = (*_launch_args(x2, p, bias, out, n_split, m),
-            m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
+            m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
                 **_reg_cap(maxnreg))
     if use_wide:
@@ -482,10 +507,10 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
          per_group=None, maxnreg=None):
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
-    np_, kw = p.qweight.shape
-    n_units = kw // WORDS
+    np_, n_units, strides = _w_geometry(p)
     bm, bn, nw, ns = _gemm_config(m, np_)
     bm, bn = block_m or bm, block_n or bn
+    _check_block_n(bn)
     nw, ns = num_warps or nw, num_stages or ns
     per_group = bm <= 16 if per_group is None else per_group
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
@@ -494,7 +519,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m),
-        m, p.n, k, np_, kw, upg, n_units, ups, x2.stride(0), out.stride(0),
+        m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
         BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
         SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
     return out
@@ -502,12 +527,12 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
 
 def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
     """The dense weight [N, K] in dtype, written by one Triton kernel."""
-    np_, kw = p.qweight.shape
-    n_units = kw // WORDS
+    np_, n_units, strides = _w_geometry(p)
     out = torch.empty(p.n, p.k, device=p.qweight.device, dtype=dtype)
     sub, upg = _geometry(p)
+    _check_block_n(block_n)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(n_units, units))
-    _dequant_kernel[grid](p.qweight, p.scales, out, p.n, p.k, np_, kw, upg, n_units, ONE,
+    _dequant_kernel[grid](p.qweight, p.scales, out, p.n, p.k, np_, *strides, upg, n_units, ONE,
                           BN=block_n, NU=units, SUB=sub, num_warps=num_warps)
     return out
 
