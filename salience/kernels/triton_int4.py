@@ -463,23 +463,31 @@ def _reg_cap(maxnreg):
     return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 
-def _gemv_config(np_: int):
-    """(BLOCK_N, units per step, split-K waves) of _gemv_wide_kernel, from the H100 sweep
-    (benchmarks/results/gemv_experiments/kernels_sweep_gemv_wide.json): wide steps pay off on tall matrices."""
-    return (128, 1, 2) if np_ < 8192 else (64, 2, 4)
+def _gemv_config(np_: int, k: int):
+    """(BLOCK_N, units per step, split-K waves, stages) of _gemv_wide_kernel, from the H200 sweep of the
+    tiled layout (benchmarks/results/kernels_sweep_layout.json, 7B/8B shapes): BLOCK_N 128 everywhere;
+    two units a step on wide matrices, fewer programs per SM on the tallest and on long K."""
+    if k >= 8192:  # down_proj: 11008 / 14336 inputs
+        return 128, 1, 2, 4
+    if np_ <= 8192:  # o_proj, 8B qkv
+        return 128, 1, 2, 3
+    if np_ >= 24576:  # 8B gate_up, lm_heads
+        return 128, 2, 2, 3
+    return 128, 2, 4, 3  # 7B qkv and gate_up
 
 
 def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=None, wide=None, waves=None,
-         stages=3):
+         stages=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
     Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
     _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
-    waves: split-K aims at this many programs per SM."""
+    waves: split-K aims at this many programs per SM. Unset arguments come from _gemv_config."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
     use_wide = sub == 1 and k % UNIT == 0
-    bn0, wide0, waves0 = _gemv_config(np_) if use_wide else (128, 1, SPLIT_WAVES)
+    bn0, wide0, waves0, stages0 = _gemv_config(np_, k) if use_wide else (128, 1, SPLIT_WAVES, 1)
+    stages = stages or stages0
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     _check_block_n(block_n)
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
