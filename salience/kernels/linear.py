@@ -6,7 +6,7 @@
 The kernel is picked by where p lives and by M = tokens (x flattened to [M, K]):
     CUDA, fp16/bf16 x:  M = 1 GEMV (CUDA cores, split-K) | M <= 256 fused dequant GEMM (tensor cores)
                         | larger M: dequantize (Triton) then cuBLAS.   fp32 x: dequantize then cuBLAS.
-                        (thresholds and block sizes: triton_int4.py, from an H100 sweep)
+                        (thresholds and block sizes: triton_int4.py, from H100 and H200 sweeps)
     CPU:                torch's tinygemm for CPU in p.dtype (x is cast to it and the result back).
                         bf16 is its fast dtype; fp16 and fp32 are exact but far slower there.
 """

@@ -13,10 +13,12 @@ judged by effective bandwidth (bytes of weights, scales, zeros, x and out per ca
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
 Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
-M = 1, short of the 2.5-3 TB/s the hardware allows. Not for lack of bytes in flight (a deeper cp.async
-ring did not help) nor of instruction throughput (fp16x2 math with 35 % fewer instructions did not
-help either; kernels_notes.md): these 8-65 MB matrices give each SM 2-8 short programs, and the
-ramp-up and split-K tail of each launch weigh as much as the streaming.
+M = 1, short of the 2.5-3 TB/s the hardware allows; on an H200 (4.8 TB/s datasheet, ~4.3 measured by a
+copy) 1.1-2.7 TB/s with the tiled layout (results/h200/). Not for lack of bytes in flight (a deeper
+cp.async ring did not help) nor of instruction throughput alone (fp16x2 math with 35 % fewer
+instructions did not help either; kernels_notes.md): these 8-65 MB matrices give each SM 2-8 short
+programs, and the ramp-up and split-K tail of each launch weigh as much as the streaming; the tiles of
+128 rows x 128 codes stored contiguously (layout.py) gave 0-4 % at M = 1 and 2-10 % at M = 4-64.
 
 Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
 0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
@@ -505,10 +507,12 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
 
 
 def _gemm_config(m: int, np_: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the H100 sweep (benchmarks/kernels.py --sweep)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the H200 sweep of the tiled layout
+    (benchmarks/kernels.py --sweep-layout): BLOCK_N 128 and 3 stages (whole 8 KiB tiles) but for narrow
+    matrices at up to 16 tokens, where 64 rows a tile make more programs."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 64 if (np_ <= 4096 and m > 8) else 128
-    return bm, bn, 4, (4 if bn == 64 else 3)
+    bn = 64 if (np_ <= 6144 and m <= 16) else 128
+    return bm, bn, 4, 3
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
