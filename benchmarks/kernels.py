@@ -401,17 +401,21 @@ def sweep_regs(out_dir):
 
 def sweep_gemv(out_dir, ms=(1,)):
     """M = 1 GEMV (group 128): the dispatcher's default against _gemv_wide_kernel over (BLOCK_N, units per
-    step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run (how gemv's
-    _gemv_config was chosen). Writes kernels_sweep_gemv_wide.json. The sweep in
-    results/gemv_experiments/ was run at commit 8ea719b, where "old" is the hand-pipelined _gemv_kernel."""
+    step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run. Writes
+    kernels_sweep_gemv_wide.json (results/h200/ for the tiled layout; the sweep in
+    results/gemv_experiments/ was run at commit 8ea719b, row-major codes, where "old" is the
+    hand-pipelined _gemv_kernel)."""
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     shapes = [(k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]]
     shapes = list(dict.fromkeys(shapes))
+    # small BLOCK_N makes enough programs without split-K (no partials, no arrival counter) on tall
+    # matrices; waves 1 with BLOCK_N <= 32 is mostly split 1
     cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u)
-            for bn, u, nw in ((128, 1, 4), (64, 2, 4), (32, 4, 4), (64, 4, 8), (128, 2, 8), (128, 4, 8))
-            for st in (2, 3) for wv in (2, 4, 8)]
+            for bn, u, nw in ((16, 4, 2), (16, 8, 2), (32, 2, 2), (32, 4, 4), (32, 8, 4), (64, 2, 4), (64, 4, 4),
+                              (128, 1, 4), (128, 2, 4), (128, 2, 8), (128, 4, 8))
+            for st in (3, 4) for wv in (1, 2, 4, 8)]
     res = []
     for k, n in shapes:
         awq = random_awq(k, n, GS, "cuda", seed=1)
