@@ -410,12 +410,11 @@ def sweep_gemv(out_dir, ms=(1,)):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     shapes = [(k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]]
     shapes = list(dict.fromkeys(shapes))
-    # small BLOCK_N makes enough programs without split-K (no partials, no arrival counter) on tall
-    # matrices; waves 1 with BLOCK_N <= 32 is mostly split 1
-    cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u)
-            for bn, u, nw in ((16, 4, 2), (16, 8, 2), (32, 2, 2), (32, 4, 4), (32, 8, 4), (64, 2, 4), (64, 4, 4),
-                              (128, 1, 4), (128, 2, 4), (128, 2, 8), (128, 4, 8))
-            for st in (3, 4) for wv in (1, 2, 4, 8)]
+    # (session 4: small BLOCK_N 16/32 without split-K, 8 warps and waves 1 never won on the H200; see
+    # results/h200/sweep_gemv.log) step_sum: the accumulator summed over words every step (fewer registers)
+    cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u, step_sum=ss)
+            for bn, u, nw in ((128, 1, 4), (128, 2, 4), (64, 2, 4), (64, 4, 4), (128, 1, 8))
+            for st in (2, 3, 4) for wv in (2, 4, 8) for ss in (True, False)]
     res = []
     for k, n in shapes:
         awq = random_awq(k, n, GS, "cuda", seed=1)

@@ -120,11 +120,13 @@ def test_gemv(n, k, gs, m, dtype, split, with_bias, block_n):
     (136, 1024, 128, 1, BF16, None, True, 32, 3, 2), (200, 640, 128, 2, F16, 2, False, 64, 2, 4),
     (72, 1280, 256, 1, BF16, 1, False, 16, 3, 4), (8, 640, 128, 1, F16, 3, True, 128, 1, 2),
     (136, 1024, 128, 3, F16, None, False, 64, 4, 1)])
-def test_gemv_wide(n, k, gs, m, dtype, split, with_bias, block_n, stages, wide):
-    """Explicit steps of U units (the default picks U by N), unit tails masked (1280/128 = 10 units, U = 4)."""
+@pytest.mark.parametrize("step_sum", [True, False])
+def test_gemv_wide(n, k, gs, m, dtype, split, with_bias, block_n, stages, wide, step_sum):
+    """Explicit steps of U units (the default picks U by N), unit tails masked (1280/128 = 10 units, U = 4);
+    the accumulator summed over words every step or once at the end."""
     p, awq = packed(n, k, gs)
     x, b = inputs(m, k, n, dtype, with_bias, seed=m)
-    y = T.gemv(x, p, b, split=split, block_n=block_n, stages=stages, wide=wide)
+    y = T.gemv(x, p, b, split=split, block_n=block_n, stages=stages, wide=wide, step_sum=step_sum)
     check(y, x, awq, gs, b, p)
 
 
