@@ -364,14 +364,15 @@ class _Phases:
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
                    scfg: awq.SearchConfig | None, batch_size: int, out: torch.Tensor | None = None,
-                   gram_bytes: float = math.inf):
+                   gram_bytes: float = math.inf, before_write=None):
     """Quantize one block in place (weights become their dequantized values) and return
     (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
 
     scfg None = round-to-nearest (no search). x may live on the host (pinned memory) while the block is
     on an accelerator: each batch of rows moves to the block's device when it is used. `out` (may be x
     itself: each batch's output overwrites its input once computed) receives the output instead of a new
-    tensor, so one activation buffer serves the whole model. The integer results stay on the device.
+    tensor, so one activation buffer serves the whole model; before_write() is called before the first
+    write into it (someone else may still be reading it). The integer results stay on the device.
 
     Memory. The scale searches need the fp32 X^T X of each group's input (K^2 * 4 bytes: 0.45 GiB for a
     7B down_proj, 3 GiB for a 70B one), the clip search only its diagonal blocks. The full-precision block
@@ -441,6 +442,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                    if p == 0 or (n in stats.grams_for and stats.has(n))]
         handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                     for n in (inspect_names if p == 0 else ())]
+        if last and out is not None and before_write is not None:
+            before_write()
         with _hooks(handles):
             y = _forward(block, x, calls, batch_size, out, each=stats.new_pass, output=last,
                          check=f"non-finite (NaN/inf) output of block {index}")
@@ -649,7 +652,10 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     blocks come from (salience.lazy.InMemoryBlocks(model) by default: quantized in place on the CPU;
     LazyBlocks: read from the shards, freed after). on_block(BlockResult, block, x_next) is called as each
     block finishes (the checkpoint writer streams it to disk); x_next [n, seqlen, hidden] is the next
-    block's input, valid only during the call. Resuming: start = first block to do, x = its input.
+    block's input, the activation buffer itself: on_block may return a function that the driver calls
+    before it next overwrites the buffer (the writer saves it from there, no host copy), else x_next is
+    valid only during the call. Resuming: start = first block to do, x = its input, or a function that
+    reads it into the given buffer and returns True (CheckpointWriter.read_activations).
     gram_bytes: the Grams one pass over the calibration rows may accumulate (quantize_block); default: one
     block's bytes on an accelerator, no limit (one pass, fastest) on the CPU. Results do not depend on it.
     Returns the list of block reports (of blocks start..).
@@ -673,16 +679,22 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         # computed in bf16 would otherwise promote q/k to fp32 inside the block
         calls = [[(_cast_floats(a, dtype), _cast_floats(kw, dtype)) for a, kw in c] for c in calls]
         # one activation buffer, overwritten by each block's output
-        x = x0 if x is None else x.to(x0.device)
+        if x0.dtype != dtype:
+            x0 = x0.to(dtype)
+        if host and torch.device(device).type == "cuda" and not x0.is_pinned():
+            x0 = x0.pin_memory()
+        if callable(x):  # resuming: the saved input of block `start` is read into the buffer
+            if not x(x0):
+                raise ValueError(f"resuming at block {start}: no saved input activations")
+        elif x is not None:
+            x0.copy_(x)
+        x = x0
         del x0
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        if host and torch.device(device).type == "cuda" and not x.is_pinned():
-            x = x.pin_memory()
         blocks.drop_base()  # lazy: the embeddings are not needed again
         _phase_end(-1, "capture")
     reports = []
     # one tick per block; the ETA counts only this run's blocks (a resumed run starts at `start`)
+    before_write = None  # what on_block returned: called before x is overwritten
     bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
                initial=start, disable=not progress)
     for i in bar:
@@ -695,11 +707,11 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
             math.inf if not host else sum(p.numel() * p.element_size() for p in block.parameters())
         try:
             res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x,
-                                    gram_bytes=budget)
+                                    gram_bytes=budget, before_write=before_write)
         except NonFiniteActivation as e:
             raise NonFiniteActivation(f"block {i}: {e}") from None
         if on_block is not None:
-            on_block(res, block, x)
+            before_write = on_block(res, block, x)
         blocks.release(i, block)
         reports.append(res.report)
         bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")
