@@ -158,7 +158,7 @@ class _InputStats:
     def _add_gram(self, key, x2):
         k = x2.shape[1]
         if key not in self.gram:
-            if _paneled(k, self.whole_max, self.panel_rows):
+            if paneled(k, self.whole_max, self.panel_rows):
                 self.gram[key] = awq.panel_gram(k, self.panel_rows, x2.device)
             else:
                 self.gram[key] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
@@ -300,7 +300,7 @@ def _first_dependent(groups: list[ScaleGroup], scfg: awq.SearchConfig) -> int:
     return len(groups)
 
 
-def _paneled(k: int, whole_max: float, panel_rows: int | None) -> bool:
+def paneled(k: int, whole_max: float, panel_rows: int | None) -> bool:
     """Whether the K x K Gram is kept as the panels of its upper triangle: more than whole_max bytes whole,
     and panels (a multiple of the group size: none for per-channel groups) narrower than K."""
     return panel_rows is not None and panel_rows < k and 4 * k * k > whole_max
@@ -310,12 +310,12 @@ def _gram_bytes(block: nn.Module, names, experts: str | None, whole_max: float =
                 panel_rows: int | None = None) -> int:
     """fp32 X^T X bytes the linears `names` of one group need: one K x K Gram for all the dense linears (they
     read one tensor, prev's output) and one per routed expert (each reads its own tokens); paneled ones
-    (_paneled) counted as such."""
+    (paneled) counted as such."""
     inputs = {}
     for n in names:
         e = n[len(experts) + 1:].split(".")[0] if experts and n.startswith(experts + ".") else None
         inputs[e] = get_module(block, n).in_features
-    return sum(awq.gram_bytes(k, panel_rows if _paneled(k, whole_max, panel_rows) else None)
+    return sum(awq.gram_bytes(k, panel_rows if paneled(k, whole_max, panel_rows) else None)
                for k in inputs.values())
 
 
@@ -570,12 +570,11 @@ def _forward(block, x, calls, batch_size: int, out=None, each=None, output: bool
         yb = _call(block, (x[rows].to(dev, non_blocking=True), *args), kwargs)
         if check is not None and not torch.isfinite(yb).all():
             raise NonFiniteActivation(check)
-        if not output:
-            continue
-        if out is None:
+        if output and out is None:
             outs.append(yb.to(x.device))
-        else:
+        elif output:
             out[rows] = yb
+        del yb  # else it stays on the device through the next batch's forward (70B: 64 MiB at the peak)
     if not output or not calls:
         return None
     return out if out is not None else torch.cat(outs, dim=0)

@@ -137,8 +137,8 @@ def test_panel_gram_equals_whole(rows):
 def test_panel_gram_sizes():
     # 70B down_proj: about half the whole Gram; 7B down_proj (0.45 GiB) is within its 0.5 GiB cache: whole
     assert awq.gram_bytes(28672, 1024) / 2**30 < 1.59 and awq.gram_bytes(28672) / 2**30 > 3.06
-    assert not Q._paneled(11008, 128 * 512 * 4096 * 2, 1024) and Q._paneled(28672, 128 * 512 * 8192 * 2, 1024)
-    assert not Q._paneled(28672, 0, None)  # per-channel groups: the clip search needs the whole Gram
+    assert not Q.paneled(11008, 128 * 512 * 4096 * 2, 1024) and Q.paneled(28672, 128 * 512 * 8192 * 2, 1024)
+    assert not Q.paneled(28672, 0, None)  # per-channel groups: the clip search needs the whole Gram
 
 
 def test_paneled_grams_change_last_bits_only(monkeypatch):
