@@ -94,6 +94,23 @@ def test_paneled_grams_give_a_valid_checkpoint(tmp_path, monkeypatch):
     load_quantized(out)
 
 
+def test_resume_activations_round_trip(tmp_path):
+    """The writer saves the caller's activation buffer (no copy of its own: the caller waits before
+    overwriting it) and a rerun reads it back into a buffer of the same shape and dtype, refusing others."""
+    from salience.checkpoint import CheckpointWriter
+
+    x = torch.randn(3, 5, 8).bfloat16()
+    w = CheckpointWriter(tmp_path / "out", n_shards=3, run={"id": 1})
+    w.write_block(0, {"a": torch.ones(2)}, {}, {"block": 0}, x)
+    w.wait()
+    w2 = CheckpointWriter(tmp_path / "out", n_shards=3, run={"id": 1})
+    buf = torch.empty_like(x)
+    assert w2.blocks_done == 1 and w2.read_activations(buf) and torch.equal(buf, x)
+    with pytest.raises(CheckpointError, match="saved activations"):
+        w2.read_activations(torch.empty(3, 5, 8))
+    assert not CheckpointWriter(tmp_path / "other", n_shards=3, run={"id": 1}).read_activations(buf)
+
+
 def _cli(folder, text, out, *extra, env=None):
     cmd = [sys.executable, "-m", "salience.cli", "quantize", "--model", str(folder), "--out", str(out),
            "--group-size", "32", "--calib", str(text), "--calib-rows", "8", "--seqlen", "32", "--device", "cpu",
