@@ -265,7 +265,8 @@ def run_one(spec: str, a) -> dict:
         if info["blocks_built"] != info["blocks_real"] else r["wall_seconds"],
         "block_bytes_16bit": info["block_bytes_16bit"], "activation_cache_bytes": cache, "gram_bytes": grams,
         "expected_gpu_bytes": expected, "down_gram_bytes_on_device": down_gram,
-        "budget_gpu_bytes": budget_gpu, "budget_host_bytes": budget_host, "host_over_baseline_bytes": host_over,
+        "budget_gpu_bytes": budget_gpu, "budget_host_bytes": budget_host,
+        "host_over_baseline_bytes": host_over,
         "host_anon_over_baseline_bytes": r["peak_rss_anon_sampled"] - r["baseline_rss_anon"],
         "within_budget": {"gpu": r["peak_gpu_allocated"] <= budget_gpu if "peak_gpu_allocated" in r else None,
                           "host": host_over <= budget_host},
@@ -308,8 +309,9 @@ def write_tables(entries: list[dict]):
         over = gib(e["peak_vmrss_sampled"] - e["baseline_vmrss"])
         anon = gib(e["peak_rss_anon_sampled"] - e["baseline_rss_anon"])
         hwm = f"{gib(e['peak_vmhwm']):.2f}" if "peak_vmhwm" in e else "-"
-        within = ("-" if gpu == "-" else "yes" if e["peak_gpu_allocated"] <= 2 * e["block_bytes_16bit"] +
-                  e["activation_cache_bytes"] else "**no**") + ", " + ("yes" if over <= budget_host else "**no**")
+        ok_gpu = "-" if gpu == "-" else "yes" if e["peak_gpu_allocated"] <= 2 * e["block_bytes_16bit"] + \
+            e["activation_cache_bytes"] else "**no**"
+        within = ok_gpu + ", " + ("yes" if over <= budget_host else "**no**")
         lines.append(f"| {e['model']} | {e['machine']} | {e['blocks_measured']}/{e['blocks_real']} | {wall} | "
                      f"{e['seconds_per_block_median']} | {gpu} | {expected} | {budget_gpu:.2f} | "
                      f"{hwm}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} | {within} |")

@@ -126,11 +126,11 @@ class CheckpointWriter:
 
     run: what identifies this run (settings and hashes of the model and calibration data; JSON-able).
     With run given, an unfinished `<out>.partial/` of the same run is continued: `blocks_done` blocks are
-    kept and `activations()` is the input of the next one. One of a different run is refused (restart=True
-    discards it). Without run, any leftover partial folder is discarded. The last block's write overlaps
-    the next block's compute (one writer thread, at most one write pending). The activations are written
-    from the caller's buffer itself (0.5 GiB for a 7B model at 128 x 512 rows: a copy for the thread would
-    be the largest thing in host memory), so the caller calls wait() before overwriting it."""
+    kept and `read_activations()` reads the input of the next one. One of a different run is refused
+    (restart=True discards it). Without run, any leftover partial folder is discarded. The last block's
+    write overlaps the next block's compute (one writer thread, at most one write pending). The activations
+    are written from the caller's buffer itself (0.5 GiB for a 7B model at 128 x 512 rows: a copy for the
+    thread would be the largest thing in host memory), so the caller calls wait() before overwriting it."""
 
     def __init__(self, out: str | Path, n_shards: int, run: dict | None = None, overwrite: bool = False,
                  restart: bool = False):
