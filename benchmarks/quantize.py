@@ -4,6 +4,7 @@ report wall time, time per block, peak GPU memory and peak host RSS.
 
     python3 benchmarks/quantize.py --models llama2-7b                 # ~3 min on an H100 incl. building
     python3 benchmarks/quantize.py --models llama3-8b,llama2-70b:3    # 70B shape: 3 of its 80 blocks
+    python3 benchmarks/quantize.py --models llama2-7b,llama2-70b:2 --results DIR   # the targets
     python3 benchmarks/quantize.py --models tiny --device cpu         # smoke test (seconds)
 
 Weights are random (normal, std 0.02; norms 1 + noise), so only speed and memory are meaningful here;
@@ -33,6 +34,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"  # --results changes it
 ROOT = Path(__file__).resolve().parents[1]
+# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
+# package that transformers imports when it is installed: the script imports nothing from its folder
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 # name -> (LlamaConfig kwargs, stored dtype). Shapes of the public configs.
 SHAPES = {
@@ -236,10 +240,20 @@ def run_one(spec: str, a) -> dict:
     cache = n_tok * h * 2  # the one bf16 activation buffer [rows, seqlen, hidden]
     grams = 4 * (3 * h * h + inter ** 2)  # fp32 X^T X of the 4 distinct linear inputs
     # The expected device peak (salience.quantize.quantize_model): the pass that accumulates down_proj's
-    # Gram, at the MLP of a batch (8 rows): the block, that Gram, act(gate), up and their product
-    # [tokens, inter] and ~3 [tokens, hidden] tensors of the residual stream, all 16-bit but the Gram.
+    # Gram, at the MLP of a batch (8 rows): the block, that Gram (whole while within the activation
+    # buffer's bytes, else the panels of its upper triangle, as the driver decides), act(gate), up and their
+    # product [tokens, inter] and ~3 [tokens, hidden] tensors of the residual stream, all 16-bit but the Gram.
+    sys.path.insert(0, str(ROOT))
+    from salience import awq
+    from salience import quantize as Q
+
+    panel_rows = 128 * max(1, Q.PANEL_ROWS // 128)  # group size 128
+    down_gram = awq.gram_bytes(inter, panel_rows if Q.paneled(inter, cache, panel_rows) else None)
     batch_tok = 8 * a.seqlen
-    expected = info["block_bytes_16bit"] + 4 * inter ** 2 + 2 * batch_tok * (3 * inter + 3 * h)
+    expected = info["block_bytes_16bit"] + down_gram + 2 * batch_tok * (3 * inter + 3 * h)
+    budget_gpu = 2 * info["block_bytes_16bit"] + cache
+    budget_host = 4 * info["block_bytes_16bit"] + cache
+    host_over = r["peak_vmrss_sampled"] - r["baseline_vmrss"]
     entry = {
         "model": spec, "shape": name, "device": a.device, "machine": machine(a.device),
         "calibration": f"{a.rows} x {a.seqlen} random token ids", "weights": "random, " + info["stored_dtype"],
@@ -250,7 +264,12 @@ def run_one(spec: str, a) -> dict:
         "wall_seconds_full_model": round(fixed + per_block * info["blocks_real"], 1)
         if info["blocks_built"] != info["blocks_real"] else r["wall_seconds"],
         "block_bytes_16bit": info["block_bytes_16bit"], "activation_cache_bytes": cache, "gram_bytes": grams,
-        "expected_gpu_bytes": expected,
+        "expected_gpu_bytes": expected, "down_gram_bytes_on_device": down_gram,
+        "budget_gpu_bytes": budget_gpu, "budget_host_bytes": budget_host,
+        "host_over_baseline_bytes": host_over,
+        "host_anon_over_baseline_bytes": r["peak_rss_anon_sampled"] - r["baseline_rss_anon"],
+        "within_budget": {"gpu": r["peak_gpu_allocated"] <= budget_gpu if "peak_gpu_allocated" in r else None,
+                          "host": host_over <= budget_host},
         "build_seconds": info["build_seconds"], "checkpoint_bytes_in": info["bytes_on_disk"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         **{k: v for k, v in r.items() if k not in ("wall_seconds",)},
@@ -265,16 +284,18 @@ def write_tables(entries: list[dict]):
         "block). Random weights with the real shapes, random calibration token ids (the bench machine has "
         "no corpus): speed and memory only. `block` = one decoder block's 16-bit weights; `cache` = the bf16 "
         "activation buffer [rows, seqlen, hidden] (pinned host memory since the memory work; on the GPU "
-        "before). `expected` = block + down_proj's fp32 Gram + the MLP activations of one 8-row batch "
+        "before). `expected` = block + down_proj's fp32 Gram (whole while it is within the cache's bytes, "
+        "else the row panels of its upper triangle, ~half) + the MLP activations of one 8-row batch "
         "(salience.quantize.quantize_model). Host: the child process's peak RSS (VmHWM; `-` for runs that "
         "recorded ru_maxrss instead, which Linux carries over from the parent across execve, so it showed "
         "the parent's peak while building the checkpoint), and over the baseline after imports and CUDA "
         "initialisation (0.9-1 GiB: CUDA context and libraries): sampled VmRSS and, in brackets, its "
-        "anonymous part; the budget applies to the latter pair.", "",
+        "anonymous part; the budget applies to the latter pair. `within`: peak GPU <= its budget, host RSS "
+        "over baseline <= its budget.", "",
         "| model | machine | blocks | wall (s) | s/block | peak GPU alloc (GiB) | expected (GiB) | GPU budget "
         "2 blocks + cache (GiB) | peak host RSS (GiB): VmHWM, over baseline [anon] | host budget 4 blocks "
-        "+ cache (GiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "+ cache (GiB) | within (GPU, host) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for e in entries:
         wall = f"{e['wall_seconds']}"
@@ -288,9 +309,12 @@ def write_tables(entries: list[dict]):
         over = gib(e["peak_vmrss_sampled"] - e["baseline_vmrss"])
         anon = gib(e["peak_rss_anon_sampled"] - e["baseline_rss_anon"])
         hwm = f"{gib(e['peak_vmhwm']):.2f}" if "peak_vmhwm" in e else "-"
+        ok_gpu = "-" if gpu == "-" else "yes" if e["peak_gpu_allocated"] <= 2 * e["block_bytes_16bit"] + \
+            e["activation_cache_bytes"] else "**no**"
+        within = ok_gpu + ", " + ("yes" if over <= budget_host else "**no**")
         lines.append(f"| {e['model']} | {e['machine']} | {e['blocks_measured']}/{e['blocks_real']} | {wall} | "
                      f"{e['seconds_per_block_median']} | {gpu} | {expected} | {budget_gpu:.2f} | "
-                     f"{hwm}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} |")
+                     f"{hwm}, {over:.2f} [{anon:.2f}] | {budget_host:.2f} | {within} |")
     lines += ["", "Per-block phases (median seconds): forward = the passes of the block over the calibration "
               "rows (statistics, Grams), scale_search, clip_quantize = clip search + quantize.", ""]
     for e in entries:

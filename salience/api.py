@@ -168,13 +168,14 @@ def quantize(model: str | None, out: str | Path, qcfg: QuantConfig, method: str 
         writer.write_block(res.index, on_disk(block_tensors(prefix, block, res, save_dtype), block, prefix),
                            {prefix + k: v for k, v in res.search.items()}, res.report,
                            x_next if res.index + 1 < n_blocks else None)
+        return writer.wait  # the writer thread reads x_next until then
 
     t_q = time.time()
     if method not in ("awq", "rtn"):
         raise ValueError(f"unknown method {method!r} (awq or rtn)")
     quantize_model(m, arch, qcfg, rows, scfg if method == "awq" else None, device=dev, dtype=cdtype,
                    on_block=on_block, progress=progress, blocks=blocks, start=start,
-                   x=writer.activations() if method == "awq" else None)
+                   x=writer.read_activations if method == "awq" and 0 < start < n_blocks else None)
     writer.wait()
     t_q = time.time() - t_q
     config = m.config.to_dict()

@@ -10,6 +10,10 @@ x_mean[k] = mean_t |X[t, k]|; w_mean[k] = mean over rows of |W| / max|W| of its 
 AutoAWQ); the x-only formula (llm-awq) uses w_mean = 1. When f is a single linear, L is exact and cheap
 in Gram form: L = tr(dW G dW^T), dW = Q(W*s)/s - W, G = X^T X [K, K].
 
+A Gram too large for the device (Llama-2-70B down_proj: K = 28672, 3.06 GiB in fp32) is kept as the row
+panels of its upper triangle (PanelGram, about half the bytes) and the loss evaluated blockwise,
+tr(dW G dW^T) = sum_i dW_i G_ii dW_i^T + 2 sum_{i<j} dW_i G_ij dW_j^T: the same sum, other rounding.
+
 Clip search. For each linear (bar q/k), per (output row, group) choose the range shrink that minimises the
 output error of that group's slice: dw [gs] with loss dw^T G_g dw, G_g the group's diagonal block of G.
 The reference shrinks max|w| symmetrically although the quantizer is asymmetric.
@@ -124,18 +128,70 @@ def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> tor
     return fake_quantize_grouped(ws, cfg.qmax, inplace=True).reshape(n, k).div_(s)
 
 
+@dataclass
+class PanelGram:
+    """The upper triangle of a symmetric Gram G = X^T X [K, K] (fp32) as row panels: panel i =
+    G[i*rows:(i+1)*rows, i*rows:] [rows, K - i*rows] (the last one may have fewer rows). It holds
+    K^2 (1/2 + rows/2K) values: 70B down_proj (K = 28672, rows = 1024) 1.58 GiB instead of 3.06; the full
+    K x K never exists, not even while accumulating (gram_add_)."""
+
+    panels: list[torch.Tensor]
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k = self.panels[0].shape[1]
+        return k, k
+
+
+def panel_gram(k: int, rows: int, device=None) -> PanelGram:
+    """Zeros, as a PanelGram of a K x K Gram with panels of `rows` rows."""
+    return PanelGram([torch.zeros(min(rows, k - r), k - r, dtype=torch.float32, device=device)
+                      for r in range(0, k, rows)], rows)
+
+
+def gram_bytes(k: int, rows: int | None = None) -> int:
+    """Bytes of a K x K fp32 Gram: whole (rows None), or as a PanelGram of `rows`-row panels."""
+    if rows is None:
+        return 4 * k * k
+    return sum(4 * min(rows, k - r) * (k - r) for r in range(0, k, rows))
+
+
+def gram_add_(g: torch.Tensor | PanelGram, x: torch.Tensor, col_block: int = 4096):
+    """g += X^T X for x [T, K] (16-bit or fp32; the product is formed in x's dtype and added in fp32, as
+    .float() would upcast it). A whole g by column blocks of col_block, so that the product stays
+    [K, col_block]; a PanelGram panel by panel ([rows, K - r0] each)."""
+    if isinstance(g, PanelGram):
+        for p, r in zip(g.panels, range(0, x.shape[1], g.rows)):
+            p.add_(x[:, r:r + p.shape[0]].t() @ x[:, r:])
+        return
+    k = x.shape[1]
+    step = k if k <= col_block else col_block
+    for j in range(0, k, step):
+        g[:, j:j + step].add_(x.t() @ x[:, j:j + step])
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> X^T X [K, K] in fp32."""
     x = x.reshape(-1, x.shape[-1]).float()
     return x.t() @ x
 
 
-def gram_loss(dw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """tr(dW G dW^T) = sum_t ||dW x_t||^2 for dW [N, K], G = X^T X [K, K]."""
-    return (dw @ g).mul_(dw).sum()
+def gram_loss(dw: torch.Tensor, g: torch.Tensor | PanelGram) -> torch.Tensor:
+    """tr(dW G dW^T) = sum_t ||dW x_t||^2 for dW [N, K], G = X^T X [K, K]. For a PanelGram, blockwise over
+    its panels P_i = [G_ii, G_i,>i]: sum_i dW_i G_ii dW_i^T + 2 dW_i G_i,>i dW_>i^T (G_ji = G_ij^T), one
+    [N, K - r0] temporary at a time."""
+    if not isinstance(g, PanelGram):
+        return (dw @ g).mul_(dw).sum()
+    loss = dw.new_zeros((), dtype=torch.float32)
+    for p, r in zip(g.panels, range(0, dw.shape[1], g.rows)):
+        b = p.shape[0]
+        t = (dw[:, r:r + b] @ p).mul_(dw[:, r:])  # [N, K - r]: (dW_i G_ij) * dW_j for blocks j >= i
+        loss += t[:, :b].sum() + 2 * t[:, b:].sum()
+    return loss
 
 
-def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: torch.Tensor,
+def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: torch.Tensor | PanelGram,
                       max_elems: int = 1 << 24) -> torch.Tensor:
     """tr(dW G dW^T) for dW = Q(W*s)/s - W [N, K], over chunks of rows of at most max_elems weights, so that
     the fp32 temporaries stay at ~64 MiB each (7B down_proj: 4096 x 11008); rows quantize independently.
@@ -148,11 +204,16 @@ def scaled_gram_error(w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, g: tor
                for r in range(0, n, rows))
 
 
-def diag_blocks(g: torch.Tensor, n_groups: int, s: torch.Tensor | None = None) -> torch.Tensor:
-    """The n_groups diagonal [gs, gs] blocks of g [K, K]: [G, gs, gs], a copy (a 3-D g is taken as those
-    blocks already). With s [K], those of the Gram of the scaled input X / s, i.e. g_ij / (s_i s_j),
-    without forming the scaled [K, K] matrix."""
-    if g.dim() == 3:
+def diag_blocks(g: torch.Tensor | PanelGram, n_groups: int, s: torch.Tensor | None = None) -> torch.Tensor:
+    """The n_groups diagonal [gs, gs] blocks of g [K, K] (or a PanelGram whose panel rows are a multiple of
+    gs): [G, gs, gs], a copy (a 3-D g is taken as those blocks already). With s [K], those of the Gram of
+    the scaled input X / s, i.e. g_ij / (s_i s_j), without forming the scaled [K, K] matrix."""
+    if isinstance(g, PanelGram):
+        gs = g.shape[0] // n_groups
+        if g.rows % gs:
+            raise ValueError(f"panels of {g.rows} rows hold no whole diagonal blocks of {gs}")
+        b = torch.cat([diag_blocks(p[:, :p.shape[0]], p.shape[0] // gs) for p in g.panels])
+    elif g.dim() == 3:
         b, gs = g, g.shape[1]
     else:
         gs = g.shape[0] // n_groups
@@ -173,7 +234,7 @@ def search_clip(w: torch.Tensor, g: torch.Tensor, cfg: QuantConfig, clip_grid: i
     n, k = w.shape
     ng = cfg.groups(k)
     gs = k // ng
-    g_blocks = g if g.dim() == 3 else diag_blocks(g, ng)  # [G, gs, gs]
+    g_blocks = g if isinstance(g, torch.Tensor) and g.dim() == 3 else diag_blocks(g, ng)  # [G, gs, gs]
     clip_min = torch.empty(n, ng, device=w.device)
     clip_max = torch.empty(n, ng, device=w.device)
     for r0 in range(0, n, row_chunk):

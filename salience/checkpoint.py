@@ -126,9 +126,11 @@ class CheckpointWriter:
 
     run: what identifies this run (settings and hashes of the model and calibration data; JSON-able).
     With run given, an unfinished `<out>.partial/` of the same run is continued: `blocks_done` blocks are
-    kept and `activations()` is the input of the next one. One of a different run is refused (restart=True
-    discards it). Without run, any leftover partial folder is discarded. The last block's write overlaps
-    the next block's compute (one writer thread, at most one write pending)."""
+    kept and `read_activations()` reads the input of the next one. One of a different run is refused
+    (restart=True discards it). Without run, any leftover partial folder is discarded. The last block's
+    write overlaps the next block's compute (one writer thread, at most one write pending). The activations
+    are written from the caller's buffer itself (0.5 GiB for a 7B model at 128 x 512 rows: a copy for the
+    thread would be the largest thing in host memory), so the caller calls wait() before overwriting it."""
 
     def __init__(self, out: str | Path, n_shards: int, run: dict | None = None, overwrite: bool = False,
                  restart: bool = False):
@@ -169,15 +171,21 @@ class CheckpointWriter:
     def reports(self) -> list[dict]:
         return list(self.manifest["blocks"])
 
-    def activations(self) -> torch.Tensor | None:
-        """The input of block `blocks_done` saved by the interrupted run (None at block 0)."""
+    def read_activations(self, out: torch.Tensor) -> bool:
+        """Read the input of block `blocks_done` saved by the interrupted run into `out` (the activation
+        buffer, pinned for a GPU: the file goes straight there, no second host copy). False at block 0."""
         a = self.manifest["activations"]
         if not self.blocks_done or a is None:
-            return None
-        dtype = getattr(torch, a["dtype"])
-        n = math.prod(a["shape"]) * torch.empty((), dtype=dtype).element_size()
-        raw = torch.from_file(str(self.tmp / a["file"]), size=n, dtype=torch.uint8)
-        return raw.view(dtype).reshape(a["shape"]).clone()
+            return False
+        if list(out.shape) != a["shape"] or str(out.dtype).removeprefix("torch.") != a["dtype"]:
+            raise CheckpointError(f"{self.tmp / a['file']}: saved activations {a['dtype']} {a['shape']}, the "
+                                  f"run needs {out.dtype} {list(out.shape)}; pass --restart")
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        with open(self.tmp / a["file"], "rb") as f:
+            n = f.readinto(view)
+        if n != len(view):
+            raise CheckpointError(f"{self.tmp / a['file']}: {n} bytes, expected {len(view)}; pass --restart")
+        return True
 
     def shard_name(self, j: int) -> str:
         return f"model-{j + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -211,9 +219,12 @@ class CheckpointWriter:
         self._queued += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         search = {k: v.detach().to("cpu").contiguous() for k, v in search.items()}
-        self.wait()  # before the copy below: one copy of the activations in host memory at a time
-        # a copy now: the caller overwrites x_next with the next block's output
-        x = x_next.detach().to("cpu", copy=True) if x_next is not None and self.run is not None else None
+        self.wait()  # one write pending at a time
+        x = None
+        if x_next is not None and self.run is not None:
+            # the thread writes from the caller's buffer (it calls wait() before overwriting it); a tensor
+            # on an accelerator is copied to the host now
+            x = x_next.detach() if x_next.device.type == "cpu" else x_next.detach().to("cpu")
         self._pending = self._pool.submit(self._write_block, i, tensors, search, report, x)
 
     def _write_block(self, i, tensors, search, report, x):

@@ -107,11 +107,14 @@ class _InputStats:
     the calibration rows) and X^T X in fp32 (for the linears named in `grams_for`, None: all, in the passes
     that ask). Linears reading the same tensor in a forward pass (q, k, v) share the entry of the first
     reader, their key, found in the first pass. A full Gram is K^2 fp32 (7B down_proj: 11008^2 * 4 = 0.45
-    GiB): the driver asks for a few at a time, one pass each, and keeps only their diagonal blocks after."""
+    GiB): the driver asks for a few at a time, one pass each, and keeps only their diagonal blocks after.
+    A Gram of more than `whole_max` bytes is kept as the row panels of its upper triangle (awq.PanelGram,
+    `panel_rows` rows each: about half the bytes)."""
 
     gram_block = 4096  # columns of X^T X computed at a time for wider inputs
 
-    def __init__(self):
+    def __init__(self, whole_max: float = math.inf, panel_rows: int | None = None):
+        self.whole_max, self.panel_rows = whole_max, panel_rows
         self.key_of: dict[str, str] = {}  # linear -> first linear that read the same tensor
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
@@ -155,16 +158,17 @@ class _InputStats:
     def _add_gram(self, key, x2):
         k = x2.shape[1]
         if key not in self.gram:
-            self.gram[key] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
+            if paneled(k, self.whole_max, self.panel_rows):
+                self.gram[key] = awq.panel_gram(k, self.panel_rows, x2.device)
+            else:
+                self.gram[key] = torch.zeros(k, k, dtype=torch.float32, device=x2.device)
         # X^T X sums up to n_tokens * max|x|^2: fp16 overflows (65504) long before fp32/bf16 would,
         # so fp16 activations are upcast; bf16 keeps its fast matmul (same exponent range as fp32).
         # Accumulated in fp32 across batches; wide inputs (7B down_proj: 11008) by column blocks, so
-        # that the product stays K x 4096. add_ upcasts each element of the 16-bit product exactly as
-        # .float() would, without an fp32 copy of it.
+        # that the product stays K x 4096 (or by panels). add_ upcasts each element of the 16-bit
+        # product exactly as .float() would, without an fp32 copy of it.
         xg = x2.float() if x2.dtype == torch.float16 else x2
-        step = k if k <= self.gram_block else self.gram_block
-        for j in range(0, k, step):
-            self.gram[key][:, j:j + step].add_(xg.t() @ xg[:, j:j + step])
+        awq.gram_add_(self.gram[key], xg, self.gram_block)
 
     def new_pass(self):
         self._seen = {}
@@ -296,14 +300,23 @@ def _first_dependent(groups: list[ScaleGroup], scfg: awq.SearchConfig) -> int:
     return len(groups)
 
 
-def _gram_bytes(block: nn.Module, names, experts: str | None) -> int:
+def paneled(k: int, whole_max: float, panel_rows: int | None) -> bool:
+    """Whether the K x K Gram is kept as the panels of its upper triangle: more than whole_max bytes whole,
+    and panels (a multiple of the group size: none for per-channel groups) narrower than K."""
+    return panel_rows is not None and panel_rows < k and 4 * k * k > whole_max
+
+
+def _gram_bytes(block: nn.Module, names, experts: str | None, whole_max: float = math.inf,
+                panel_rows: int | None = None) -> int:
     """fp32 X^T X bytes the linears `names` of one group need: one K x K Gram for all the dense linears (they
-    read one tensor, prev's output) and one per routed expert (each reads its own tokens)."""
+    read one tensor, prev's output) and one per routed expert (each reads its own tokens); paneled ones
+    (paneled) counted as such."""
     inputs = {}
     for n in names:
         e = n[len(experts) + 1:].split(".")[0] if experts and n.startswith(experts + ".") else None
         inputs[e] = get_module(block, n).in_features
-    return sum(4 * k * k for k in inputs.values())
+    return sum(awq.gram_bytes(k, panel_rows if paneled(k, whole_max, panel_rows) else None)
+               for k in inputs.values())
 
 
 def plan_passes(sizes: list[int], orphan_sizes: list[int], budget: float, first_dependent: int) -> list[list[int]]:
@@ -340,6 +353,11 @@ def plan_passes(sizes: list[int], orphan_sizes: list[int], budget: float, first_
 
 # ---- one block -------------------------------------------------------------------------------------------
 
+PANEL_ROWS = 1024
+"""Rows of a paneled Gram's panels (rounded down to a multiple of the group size): its triangle holds
+K^2 (1/2 + PANEL_ROWS/2K) values in K / PANEL_ROWS panels (70B down_proj: 28, 1.58 GiB); each batch adds
+one [PANEL_ROWS, K - r0] 16-bit product per panel (56 MiB at most there)."""
+
 phase_hook = None
 """Debugging and benchmarks: when set, phase_hook(block_index, phase) is called at the end of each phase
 of the driver (capture: block -1; per block: load, pass <p>, search <group>, clip_quantize, write, ...);
@@ -364,14 +382,15 @@ class _Phases:
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
                    scfg: awq.SearchConfig | None, batch_size: int, out: torch.Tensor | None = None,
-                   gram_bytes: float = math.inf):
+                   gram_bytes: float = math.inf, before_write=None, gram_whole_max: float = math.inf):
     """Quantize one block in place (weights become their dequantized values) and return
     (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
 
     scfg None = round-to-nearest (no search). x may live on the host (pinned memory) while the block is
     on an accelerator: each batch of rows moves to the block's device when it is used. `out` (may be x
     itself: each batch's output overwrites its input once computed) receives the output instead of a new
-    tensor, so one activation buffer serves the whole model. The integer results stay on the device.
+    tensor, so one activation buffer serves the whole model; before_write() is called before the first
+    write into it (someone else may still be reading it). The integer results stay on the device.
 
     Memory. The scale searches need the fp32 X^T X of each group's input (K^2 * 4 bytes: 0.45 GiB for a
     7B down_proj, 3 GiB for a 70B one), the clip search only its diagonal blocks. The full-precision block
@@ -381,7 +400,11 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     searched before the last pass wait until its forward is done. That is exact: a search reads only its
     own group's weights, which no earlier fold touches (_first_dependent checks it; groups for which it
     fails are searched in the last pass, after the earlier folds). The last pass writes the output.
-    gram_bytes=inf: one pass, all Grams at once (fastest)."""
+    gram_bytes=inf: one pass, all Grams at once (fastest). A Gram of more than gram_whole_max bytes keeps
+    only its upper triangle, as panels of rows (awq.PanelGram: about half; 70B down_proj 1.58 GiB instead
+    of 3.06) and its loss is evaluated blockwise: the same sum in another order, so the losses change in
+    their last bits only. Grams within gram_whole_max (all, by default) take the whole-matrix path, bit for
+    bit as before."""
     ph = _Phases(index)
     lins = quantizable_linears(block, arch)
     for name, lin in lins.items():
@@ -399,12 +422,14 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     orphans = [n for n in lins if n in clip and n not in grouped]  # clip search only: diagonal blocks
     experts = arch.experts.path if arch.experts else None
     units = [*applying, *orphans]
+    # panels of ~PANEL_ROWS rows, whole groups each (the clip search reads the groups' diagonal blocks)
+    panel_rows = qcfg.group_size * max(1, PANEL_ROWS // qcfg.group_size) if qcfg.group_size > 0 else None
     passes = [[units[i] for i in p] for p in plan_passes(
-        [_gram_bytes(block, g.linears, experts) for g in applying],
-        [_gram_bytes(block, (n,), experts) for n in orphans], gram_bytes,
+        [_gram_bytes(block, g.linears, experts, gram_whole_max, panel_rows) for g in applying],
+        [_gram_bytes(block, (n,), experts, gram_whole_max, panel_rows) for n in orphans], gram_bytes,
         _first_dependent(applying, scfg) if scfg is not None else 0)]
 
-    stats = _InputStats()
+    stats = _InputStats(gram_whole_max, panel_rows)
     inspect_names = {g.inspect for g in applying if g.inspect not in lins and _has(block, g.inspect)} \
         if scfg is not None and scfg.loss == "output" else set()
     n_search_rows = max(1, -(-scfg.search_tokens // x.shape[1])) if scfg else 0
@@ -441,6 +466,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                    if p == 0 or (n in stats.grams_for and stats.has(n))]
         handles += [get_module(block, n).register_forward_pre_hook(keep_call(n), with_kwargs=True)
                     for n in (inspect_names if p == 0 else ())]
+        if last and out is not None and before_write is not None:
+            before_write()
         with _hooks(handles):
             y = _forward(block, x, calls, batch_size, out, each=stats.new_pass, output=last,
                          check=f"non-finite (NaN/inf) output of block {index}")
@@ -543,12 +570,11 @@ def _forward(block, x, calls, batch_size: int, out=None, each=None, output: bool
         yb = _call(block, (x[rows].to(dev, non_blocking=True), *args), kwargs)
         if check is not None and not torch.isfinite(yb).all():
             raise NonFiniteActivation(check)
-        if not output:
-            continue
-        if out is None:
+        if output and out is None:
             outs.append(yb.to(x.device))
-        else:
+        elif output:
             out[rows] = yb
+        del yb  # else it stays on the device through the next batch's forward (70B: 64 MiB at the peak)
     if not output or not calls:
         return None
     return out if out is not None else torch.cat(outs, dim=0)
@@ -642,16 +668,22 @@ def to_compute(module: nn.Module, device, dtype, keep_fp32=lambda name: False) -
 def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.Tensor | None,
                    scfg: awq.SearchConfig | None, device="cpu", dtype=None, batch_size: int = 8,
                    on_block=None, progress: bool = True, blocks=None, start: int = 0,
-                   x: torch.Tensor | None = None, gram_bytes: float | None = None):
+                   x=None, gram_bytes: float | None = None, gram_whole_max: float | None = None):
     """Quantize every decoder block of `model`, one block on `device` at a time.
 
     rows [n, seqlen] calibration token ids (None with scfg None: RTN needs no data). blocks: where the
     blocks come from (salience.lazy.InMemoryBlocks(model) by default: quantized in place on the CPU;
     LazyBlocks: read from the shards, freed after). on_block(BlockResult, block, x_next) is called as each
     block finishes (the checkpoint writer streams it to disk); x_next [n, seqlen, hidden] is the next
-    block's input, valid only during the call. Resuming: start = first block to do, x = its input.
+    block's input, the activation buffer itself: on_block may return a function that the driver calls
+    before it next overwrites the buffer (the writer saves it from there, no host copy), else x_next is
+    valid only during the call. Resuming: start = first block to do, x = its input, or a function that
+    reads it into the given buffer and returns True (CheckpointWriter.read_activations).
     gram_bytes: the Grams one pass over the calibration rows may accumulate (quantize_block); default: one
     block's bytes on an accelerator, no limit (one pass, fastest) on the CPU. Results do not depend on it.
+    gram_whole_max: the largest Gram kept whole; larger ones keep their upper triangle (quantize_block;
+    the losses then change in their last bits). Default: on an accelerator the activation buffer's bytes
+    (the budget's share for it, free on the device since the buffer lives on the host), none on the CPU.
     Returns the list of block reports (of blocks start..).
 
     Device memory (an accelerator): the block, its integer results, one batch's activations and the Grams
@@ -659,8 +691,10 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     stay in pinned host memory, one buffer overwritten by each block's output, read a batch at a time. The
     peak is the pass that accumulates down_proj's fp32 Gram, at the MLP: Llama-2-7B (batches of 8 x 512
     tokens) block 0.38 GiB + Gram 11008^2 * 4 = 0.45 + act(gate), up, their product [4096, 11008] and ~3
-    [4096, 4096] bf16 = 0.35: ~1.17 GiB (2 blocks + cache: 1.25). 70B: 1.59 + 3.06 + 0.84: ~5.5 GiB (2 blocks
-    + cache: 4.19, out of reach while the block and its exact fp32 Gram are on the device together: 4.65).
+    [4096, 4096] bf16 = 0.35: ~1.17 GiB (2 blocks + cache: 1.25; the Gram, 0.45 GiB, is within the cache's
+    0.5 and stays whole). 70B: the whole Gram (3.06 GiB) is more than the cache (1 GiB): its upper triangle
+    in 28 panels of 1024 rows, 1.58 GiB; block 1.59 + 1.58 + act(gate), up, their product [4096, 28672]
+    (0.66) and ~3 [4096, 8192] (0.19): ~4.0 GiB (2 blocks + cache: 4.19; with the whole Gram 5.61 measured).
     benchmarks/quantize.py measures each phase."""
     blocks = blocks if blocks is not None else InMemoryBlocks(model, arch)
     dtype = dtype or next(model.parameters()).dtype
@@ -673,16 +707,24 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         # computed in bf16 would otherwise promote q/k to fp32 inside the block
         calls = [[(_cast_floats(a, dtype), _cast_floats(kw, dtype)) for a, kw in c] for c in calls]
         # one activation buffer, overwritten by each block's output
-        x = x0 if x is None else x.to(x0.device)
+        if x0.dtype != dtype:
+            x0 = x0.to(dtype)
+        if host and torch.device(device).type == "cuda" and not x0.is_pinned():
+            x0 = x0.pin_memory()
+        if callable(x):  # resuming: the saved input of block `start` is read into the buffer
+            if not x(x0):
+                raise ValueError(f"resuming at block {start}: no saved input activations")
+        elif x is not None:
+            x0.copy_(x)
+        x = x0
         del x0
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        if host and torch.device(device).type == "cuda" and not x.is_pinned():
-            x = x.pin_memory()
         blocks.drop_base()  # lazy: the embeddings are not needed again
         _phase_end(-1, "capture")
+    if gram_whole_max is None:
+        gram_whole_max = x.numel() * x.element_size() if host and x is not None else math.inf
     reports = []
     # one tick per block; the ETA counts only this run's blocks (a resumed run starts at `start`)
+    before_write = None  # what on_block returned: called before x is overwritten
     bar = tqdm(range(start, len(blocks)), desc="AWQ" if scfg else "RTN", unit="block", total=len(blocks),
                initial=start, disable=not progress)
     for i in bar:
@@ -695,11 +737,12 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
             math.inf if not host else sum(p.numel() * p.element_size() for p in block.parameters())
         try:
             res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x,
-                                    gram_bytes=budget)
+                                    gram_bytes=budget, before_write=before_write,
+                                    gram_whole_max=gram_whole_max)
         except NonFiniteActivation as e:
             raise NonFiniteActivation(f"block {i}: {e}") from None
         if on_block is not None:
-            on_block(res, block, x)
+            before_write = on_block(res, block, x)
         blocks.release(i, block)
         reports.append(res.report)
         bar.set_postfix_str(f"{res.report['seconds']:.1f}s/block")

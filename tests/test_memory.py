@@ -7,6 +7,7 @@ import torch
 
 from salience import quantize as Q
 from salience.arch import ScaleGroup, arch_for
+from salience import awq
 from salience.awq import SearchConfig
 from salience.packing import pack
 from salience.quant import QuantConfig
@@ -100,3 +101,67 @@ def test_capture_to_host():
     xh, _ = Q.capture_block_inputs(m, arch, rows, 2, "cpu", host=True)
     assert torch.equal(x, xh) and x.shape == (5, 16, 64) and len(calls[0]) == 3
     assert torch.equal(x, m.model.embed_tokens(rows))
+
+
+# ---- Grams kept as the panels of their upper triangle (awq.PanelGram) ------------------------------------
+
+@pytest.mark.parametrize("rows", [64, 96])  # panels of equal rows, and a shorter last one
+def test_panel_gram_equals_whole(rows):
+    torch.manual_seed(0)
+    k, cfg = 320, QuantConfig(4, 32)
+    xs = [torch.randn(200, k).bfloat16() for _ in range(3)]
+    whole, panels = torch.zeros(k, k), awq.panel_gram(k, rows)
+    for x in xs:  # accumulated batch by batch, as the driver does
+        awq.gram_add_(whole, x, col_block=128)
+        awq.gram_add_(panels, x)
+    assert sum(p.numel() for p in panels.panels) * 4 == awq.gram_bytes(k, rows) < 0.7 * awq.gram_bytes(k)
+    for r, p in zip(range(0, k, rows), panels.panels):
+        torch.testing.assert_close(p, whole[r:r + p.shape[0], r:], rtol=1e-6, atol=1e-3)
+    if rows % 32 == 0:  # the clip search's diagonal blocks (here with the scale folded in)
+        s = torch.rand(k) + 0.5
+        torch.testing.assert_close(awq.diag_blocks(panels, 10, s), awq.diag_blocks(whole, 10, s), rtol=1e-6,
+                                   atol=1e-3)
+    dw = torch.randn(50, k) * 0.01
+    torch.testing.assert_close(awq.gram_loss(dw, panels), awq.gram_loss(dw, whole), rtol=1e-5, atol=0)
+    # the scale search: the same losses up to rounding, the same alpha
+    w = torch.randn(96, k).bfloat16()
+    x_mean = torch.cat(xs).float().abs().mean(0) * (torch.rand(k) * 4 + 0.1)
+    grid = awq.candidates(awq.SearchConfig())
+    s1, a1, l1 = awq.search_scale(x_mean, None, lambda s: awq.scaled_gram_error(w, s, cfg, whole), grid)
+    s2, a2, l2 = awq.search_scale(x_mean, None, lambda s: awq.scaled_gram_error(w, s, cfg, panels, 320 * 40),
+                                  grid)
+    assert a1 == a2 and torch.equal(s1, s2)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=0)
+
+
+def test_panel_gram_sizes():
+    # 70B down_proj: about half the whole Gram; 7B down_proj (0.45 GiB) is within its 0.5 GiB cache: whole
+    assert awq.gram_bytes(28672, 1024) / 2**30 < 1.59 and awq.gram_bytes(28672) / 2**30 > 3.06
+    assert not Q.paneled(11008, 128 * 512 * 4096 * 2, 1024) and Q.paneled(28672, 128 * 512 * 8192 * 2, 1024)
+    assert not Q.paneled(28672, 0, None)  # per-channel groups: the clip search needs the whole Gram
+
+
+def test_paneled_grams_change_last_bits_only(monkeypatch):
+    """Every Gram paneled (4 panels of 32 rows for the 128-wide down_proj input): the same alphas in every
+    group, the weights equal but for a few rounding flips."""
+    monkeypatch.setattr(Q, "PANEL_ROWS", 32)
+    made = []
+    monkeypatch.setattr(awq, "panel_gram", lambda k, rows, device=None: made.append((k, rows)) or
+                        awq.PanelGram([torch.zeros(min(rows, k - r), k - r, device=device)
+                                       for r in range(0, k, rows)], rows))
+    one, rep1 = _run("llama", SearchConfig(), float("inf"))
+    assert not made
+    m = tiny_model("llama")
+    rows = torch.randint(0, 300, (6, 40), generator=torch.Generator().manual_seed(1))
+    rep2 = Q.quantize_model(m, arch_for(m.config), QuantConfig(4, 32), rows, SearchConfig(), device="cpu",
+                            dtype=torch.bfloat16, batch_size=4, progress=False, gram_whole_max=0)
+    many = m.state_dict()
+    assert (128, 32) in made and (64, 32) in made
+    for r1, r2 in zip(rep1, rep2):
+        assert {k: v["alpha"] for k, v in r1["groups"].items()} == \
+            {k: v["alpha"] for k, v in r2["groups"].items()}
+        for k, v in r1["groups"].items():
+            assert abs(r2["groups"][k]["loss"] - v["loss"]) <= 1e-4 * v["loss"], k
+    for k in one:
+        same = (one[k] == many[k]).float().mean()
+        assert same > 0.99, (k, same)
