@@ -481,20 +481,22 @@ def _reg_cap(maxnreg):
 
 
 def _gemv_config(np_: int, k: int):
-    """(BLOCK_N, units per step, split-K waves, stages) of _gemv_wide_kernel, from the H200 sweep of the
-    tiled layout (benchmarks/results/kernels_sweep_layout.json, 7B/8B shapes): BLOCK_N 128 everywhere;
-    two units a step on wide matrices, fewer programs per SM on the tallest and on long K."""
+    """(BLOCK_N, units per step, split-K waves, stages, STEP_SUM) of _gemv_wide_kernel, from the H200
+    sweeps of the tiled layout (benchmarks/results/h200/: kernels_sweep_layout.json, stepsum/): BLOCK_N
+    128 everywhere; two units a step on wide matrices, fewer programs per SM on the tallest and on long
+    K; the per-step word sum only on the tallest (8B lm_head 101 -> 96 us), where it wins (it costs
+    5-18 % on o_proj and down_proj)."""
     if k >= 8192:  # down_proj: 11008 / 14336 inputs
-        return 128, 1, 2, 4
+        return 128, 1, 2, 4, False
     if np_ <= 8192:  # o_proj, 8B qkv
-        return 128, 1, 2, 3
+        return 128, 1, 2, 3, False
     if np_ >= 24576:  # 8B gate_up, lm_heads
-        return 128, 2, 2, 3
-    return 128, 2, 4, 3  # 7B qkv and gate_up
+        return 128, 2, 2, 3, True
+    return 128, 2, 4, 3, False  # 7B qkv and gate_up
 
 
 def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=None, wide=None, waves=None,
-         stages=None, step_sum=True):
+         stages=None, step_sum=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
     Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
     _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
@@ -503,8 +505,9 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
     use_wide = sub == 1 and k % UNIT == 0
-    bn0, wide0, waves0, stages0 = _gemv_config(np_, k) if use_wide else (128, 1, SPLIT_WAVES, 1)
+    bn0, wide0, waves0, stages0, sum0 = _gemv_config(np_, k) if use_wide else (128, 1, SPLIT_WAVES, 1, False)
     stages = stages or stages0
+    step_sum = sum0 if step_sum is None else step_sum
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     _check_block_n(block_n)
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
