@@ -34,9 +34,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"  # --results changes it
 ROOT = Path(__file__).resolve().parents[1]
-# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
-# package that transformers imports when it is installed: the script imports nothing from its folder
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 # name -> (LlamaConfig kwargs, stored dtype). Shapes of the public configs.
 SHAPES = {

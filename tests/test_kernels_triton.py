@@ -192,7 +192,7 @@ def test_int4_linear_dispatch(m, dtype):
 
 def test_kernels_read_any_strides():
     """The kernels take qweight's strides: the codes stored row-major ([Np, Kp/8], the order before the
-    8 KiB tiles; benchmarks/kernels.py --sweep-layout times it) and seen through a strided view give
+    8 KiB tiles; benchmarks/int4_kernels.py --sweep-layout times it) and seen through a strided view give
     the same outputs bit for bit."""
     import dataclasses
 

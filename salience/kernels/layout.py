@@ -33,7 +33,7 @@ tile; a block's tiles follow each other along K:
 A kernel tile of BLOCK_N <= 128 rows (BLOCK_N divides 128) and U units is then U contiguous runs of
 BLOCK_N * 64 bytes, and a program walking K streams one contiguous range: DRAM sees long bursts
 rather than one 64-byte piece per row (the row-major [Np, Kp/8] order of earlier versions, which the
-kernels can still read through a strided view; benchmarks/kernels.py --sweep-layout times both).
+kernels can still read through a strided view; benchmarks/int4_kernels.py --sweep-layout times both).
 
     sz      int32 [Gp, Np]     per group and row: bits 0-15 the AWQ fp16 scale (unchanged, exact),
                                bits 16-23 the integer zero point. One 4-byte load gives both (and

@@ -456,7 +456,7 @@ def _split(tiles: int, n_units: int, step: int, sms: int, split, waves: int = SP
 def _w_geometry(p):
     """(Np, n_units, (SWB, SWR, SWU)): padded rows, units along K, and the word strides of p.qweight
     [Np/128, units, 128, 16] (block of 128 rows, row, unit). The kernels read any strides: the layout of
-    layout.py, or a view of another (benchmarks/kernels.py times the row-major one through a view)."""
+    layout.py, or a view of another (benchmarks/int4_kernels.py times the row-major one through a view)."""
     nb, n_units, rows, words = p.qweight.shape
     swb, swu, swr, one = p.qweight.stride()
     assert rows == 128 and words == WORDS and one == 1, "qweight must be [Np/128, units, 128, 16]"
@@ -526,7 +526,7 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
 
 def _gemm_config(m: int, np_: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the H200 sweep of the tiled layout
-    (benchmarks/kernels.py --sweep-layout): BLOCK_N 128 and 3 stages (whole 8 KiB tiles) but for narrow
+    (benchmarks/int4_kernels.py --sweep-layout): BLOCK_N 128 and 3 stages (whole 8 KiB tiles) but for narrow
     matrices at up to 16 tokens, where 64 rows a tile make more programs."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if (np_ <= 6144 and m <= 16) else 128

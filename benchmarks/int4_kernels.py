@@ -15,10 +15,10 @@ Effective bandwidth = bytes one call must move / time, with the bytes of the AWQ
 int4 method: qweight N*K/2 + scales 2*N*G + qzeros N*G/2, plus x (2*M*K) and y (2*M*N). The dense
 baselines are reported with their own bytes (2*N*K + x + y). Ratios are time(baseline) / time(ours).
 
-    python benchmarks/kernels.py                 # GPU, writes benchmarks/results/kernels.{md,json}
-    python benchmarks/kernels.py --quick         # GPU, a few shapes
-    python benchmarks/kernels.py --sweep         # GPU, block-size sweep of each kernel (for tuning)
-    python benchmarks/kernels.py --cpu           # CPU, writes benchmarks/results/kernels_cpu.{md,json}
+    python benchmarks/int4_kernels.py                 # GPU, writes benchmarks/results/kernels.{md,json}
+    python benchmarks/int4_kernels.py --quick         # GPU, a few shapes
+    python benchmarks/int4_kernels.py --sweep         # GPU, block-size sweep of each kernel (for tuning)
+    python benchmarks/int4_kernels.py --cpu           # CPU, writes benchmarks/results/kernels_cpu.{md,json}
 """
 
 from __future__ import annotations
