@@ -31,6 +31,7 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "all three": SearchConfig(alpha_one=True, formula="both", clip_asym=True),
     "default + finer alpha grid (refine 2)": SearchConfig(refine=2),
     "default + quantized outputs propagated": SearchConfig(propagate=True),
+    "default + GPTQ rounding on the searched grid": SearchConfig(rounding="gptq"),
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -46,8 +46,18 @@ class SearchConfig:
     # the next block's input is the quantized block's output (default: the full-precision output, as the
     # reference does): later blocks then search scales against the error that really reaches them
     propagate: bool = False
+    # codes: "nearest" (round-to-nearest on the searched grid, the reference) or "gptq" (salience.gptq: the
+    # same grid, the columns rounded in order with GPTQ's error feedback through the Gram of the linear's
+    # scaled input, damped by gptq_damp * mean(diag G)). gptq keeps every full Gram of the block until its
+    # linears are quantized (the reference keeps only diagonal blocks): see quantize_block's memory notes
+    rounding: str = "nearest"
+    gptq_damp: float = 0.01
 
     def __post_init__(self):
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
         if self.formula not in ("x", "duo", "both"):
             raise ValueError(f"formula must be 'x', 'duo' or 'both', got {self.formula!r}")
         if self.loss not in ("output", "gram"):
