@@ -527,7 +527,8 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
 
 def quantize_linear(w: torch.Tensor, qcfg: QuantConfig, clip_min=None, clip_max=None,
-                    max_elems: int = 1 << 24, g: torch.Tensor | None = None, damp: float = 0.01) -> LinearResult:
+                    max_elems: int = 1 << 24, g: torch.Tensor | None = None,
+                    damp: float = 0.01) -> LinearResult:
     """Integer codes and qparams of w [N, K] (ranges clip_min/max [N, G] if given; scales rounded to the
     fp16 the checkpoint stores), and w overwritten with its dequantized values. By chunks of rows of at most
     max_elems weights, so that the fp32 temporaries stay ~64 MiB (7B down_proj: 4096 x 11008 would take 0.17
