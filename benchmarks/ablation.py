@@ -32,6 +32,8 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + finer alpha grid (refine 2)": SearchConfig(refine=2),
     "default + quantized outputs propagated": SearchConfig(propagate=True),
     "default + GPTQ rounding on the searched grid": SearchConfig(rounding="gptq"),
+    "default + GPTQ rounding, damping 0.1": SearchConfig(rounding="gptq", gptq_damp=0.1),
+    "default + GPTQ rounding, damping 1": SearchConfig(rounding="gptq", gptq_damp=1.0),
 }
 RESULTS = Path(__file__).parent / "results"
 
