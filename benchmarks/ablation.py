@@ -33,7 +33,9 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + quantized outputs propagated": SearchConfig(propagate=True),
     "default + GPTQ rounding on the searched grid": SearchConfig(rounding="gptq"),
     "default + GPTQ rounding, damping 0.1": SearchConfig(rounding="gptq", gptq_damp=0.1),
+    "default + GPTQ rounding, damping 0.3": SearchConfig(rounding="gptq", gptq_damp=0.3),
     "default + GPTQ rounding, damping 1": SearchConfig(rounding="gptq", gptq_damp=1.0),
+    "default + GPTQ rounding, damping 3": SearchConfig(rounding="gptq", gptq_damp=3.0),
 }
 RESULTS = Path(__file__).parent / "results"
 
