@@ -36,6 +36,8 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + GPTQ rounding, damping 0.3": SearchConfig(rounding="gptq", gptq_damp=0.3),
     "default + GPTQ rounding, damping 1": SearchConfig(rounding="gptq", gptq_damp=1.0),
     "default + GPTQ rounding, damping 3": SearchConfig(rounding="gptq", gptq_damp=3.0),
+    "default + GPTQ rounding, damping 10": SearchConfig(rounding="gptq", gptq_damp=10.0),
+    "default + GPTQ rounding, damping 30": SearchConfig(rounding="gptq", gptq_damp=30.0),
 }
 RESULTS = Path(__file__).parent / "results"
 
