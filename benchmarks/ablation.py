@@ -71,6 +71,11 @@ def main():
         res.append({"variant": name, "config": scfg.__dict__, "ppl": ppl, "seconds": round(dt, 1)})
         print(res[-1], flush=True)
         del q
+        write(a, out, res)  # after every variant: an interrupted run keeps what it finished
+    print("\n".join(write(a, out, res)))
+
+
+def write(a, out, res) -> list[str]:
     machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
     md = [f"{a.model} INT4 g{a.group_size}, calibration lee {a.rows} x 512, wiki ppl on {a.windows} windows of 512, "
           f"compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN {out['rtn']:.3f}.", "",
@@ -83,7 +88,7 @@ def main():
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
                                                        indent=2))
-    print("\n".join(md))
+    return md
 
 
 if __name__ == "__main__":
