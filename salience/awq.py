@@ -50,8 +50,10 @@ class SearchConfig:
     # same grid, the columns rounded in order with GPTQ's error feedback through the Gram of the linear's
     # scaled input, damped by gptq_damp * mean(diag G)). gptq keeps every full Gram of the block until its
     # linears are quantized (the reference keeps only diagonal blocks): see quantize_block's memory notes
-    rounding: str = "nearest"
-    gptq_damp: float = 0.01
+    # The default since the ablation (benchmarks/results/ablation-*-gptq*.md): gptq with damping 3 (a strong
+    # pull toward the weights; GPTQ's usual 0.01 overfits the calibration text and was worse than nearest)
+    rounding: str = "gptq"
+    gptq_damp: float = 3.0
 
     def __post_init__(self):
         if self.rounding not in ("nearest", "gptq"):

@@ -40,11 +40,13 @@ def _add_calib_args(p):
                    help="after the alpha grid, try this many finer alphas each side of the best (default 0)")
     p.add_argument("--propagate", action="store_true",
                    help="feed each block the previous block's quantized output (default: full precision)")
-    p.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
-                   help="codes on the searched grid: round-to-nearest (default), or GPTQ's column-by-column "
-                   "rounding with error feedback through the input Gram (keeps the block's full Grams)")
-    p.add_argument("--gptq-damp", type=float, default=0.01,
-                   help="GPTQ damping, a fraction of the Gram's mean diagonal (default 0.01)")
+    p.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq",
+                   help="codes on the searched grid: GPTQ's column-by-column rounding with error feedback "
+                   "through the input Gram (default; keeps the block's full Grams), or round-to-nearest (the "
+                   "reference)")
+    p.add_argument("--gptq-damp", type=float, default=3.0,
+                   help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default 3: a strong "
+                   "pull toward the weights; GPTQ's usual 0.01 overfits the calibration text)")
 
 
 def _add_run_args(p):
