@@ -23,14 +23,21 @@ from salience.models import load_fp
 from salience.quant import QuantConfig
 
 VARIANTS = {  # every option spelled out, so that the rows keep their meaning when defaults change
-    "reference grid (x, alpha < 1, symmetric clip), Gram loss": SearchConfig(clip_asym=False),
-    "output loss (8192 tokens)": SearchConfig(loss="output", clip_asym=False),
-    "+ alpha = 1": SearchConfig(alpha_one=True, clip_asym=False),
-    "+ both formulas (x, duo)": SearchConfig(formula="both", clip_asym=False),
-    "+ asymmetric clip (the default since the first ablation)": SearchConfig(clip_asym=True),
-    "all three": SearchConfig(alpha_one=True, formula="both", clip_asym=True),
-    "default + finer alpha grid (refine 2)": SearchConfig(refine=2),
-    "default + quantized outputs propagated": SearchConfig(propagate=True),
+    "reference grid (x, alpha < 1, symmetric clip), Gram loss": SearchConfig(rounding="nearest", clip_asym=False),
+    "output loss (8192 tokens)": SearchConfig(rounding="nearest", loss="output", clip_asym=False),
+    "+ alpha = 1": SearchConfig(rounding="nearest", alpha_one=True, clip_asym=False),
+    "+ both formulas (x, duo)": SearchConfig(rounding="nearest", formula="both", clip_asym=False),
+    "+ asymmetric clip (the default since the first ablation)": SearchConfig(rounding="nearest", clip_asym=True),
+    "all three": SearchConfig(rounding="nearest", alpha_one=True, formula="both", clip_asym=True),
+    "default + finer alpha grid (refine 2)": SearchConfig(rounding="nearest", refine=2),
+    "default + quantized outputs propagated": SearchConfig(rounding="nearest", propagate=True),
+    "default + GPTQ rounding on the searched grid": SearchConfig(rounding="gptq", gptq_damp=0.01),
+    "default + GPTQ rounding, damping 0.1": SearchConfig(rounding="gptq", gptq_damp=0.1),
+    "default + GPTQ rounding, damping 0.3": SearchConfig(rounding="gptq", gptq_damp=0.3),
+    "default + GPTQ rounding, damping 1": SearchConfig(rounding="gptq", gptq_damp=1.0),
+    "default + GPTQ rounding, damping 3": SearchConfig(rounding="gptq", gptq_damp=3.0),
+    "default + GPTQ rounding, damping 10": SearchConfig(rounding="gptq", gptq_damp=10.0),
+    "default + GPTQ rounding, damping 30": SearchConfig(rounding="gptq", gptq_damp=30.0),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,6 +71,11 @@ def main():
         res.append({"variant": name, "config": scfg.__dict__, "ppl": ppl, "seconds": round(dt, 1)})
         print(res[-1], flush=True)
         del q
+        write(a, out, res)  # after every variant: an interrupted run keeps what it finished
+    print("\n".join(write(a, out, res)))
+
+
+def write(a, out, res) -> list[str]:
     machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
     md = [f"{a.model} INT4 g{a.group_size}, calibration lee {a.rows} x 512, wiki ppl on {a.windows} windows of 512, "
           f"compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN {out['rtn']:.3f}.", "",
@@ -76,7 +88,7 @@ def main():
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
                                                        indent=2))
-    print("\n".join(md))
+    return md
 
 
 if __name__ == "__main__":

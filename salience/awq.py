@@ -50,8 +50,22 @@ class SearchConfig:
     # the next block's input is the quantized block's output (default: the full-precision output, as the
     # reference does): later blocks then search scales against the error that really reaches them
     propagate: bool = False
+    # codes: "nearest" (round-to-nearest on the searched grid, the reference) or "gptq" (salience.gptq: the
+    # same grid, the columns rounded in order with GPTQ's error feedback through the Gram of the linear's
+    # scaled input, damped by gptq_damp * mean(diag G)). gptq keeps every full Gram of the block until its
+    # linears are quantized (the reference keeps only diagonal blocks): see quantize_block's memory notes
+    # Opt-in (benchmarks/results/ablation-*-gptq*.md): with damping 3 (a strong pull toward the weights;
+    # GPTQ's usual 0.01 overfits the calibration text and was worse than nearest) it lowered wiki perplexity
+    # on both real models, but that damping was picked on the reported windows, the main table has one cell
+    # of it, and its memory (every full Gram of a block) is above the GPU bounds nearest rounding meets
+    rounding: str = "nearest"
+    gptq_damp: float = 3.0
 
     def __post_init__(self):
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
         if self.formula not in ("x", "duo", "both"):
             raise ValueError(f"formula must be 'x', 'duo' or 'both', got {self.formula!r}")
         if self.loss not in ("output", "gram"):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import awq, moe
+from . import awq, gptq, moe
 from .arch import Arch, ScaleGroup, get_module
 from .lazy import InMemoryBlocks
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
@@ -404,7 +404,13 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     only its upper triangle, as panels of rows (awq.PanelGram: about half; 70B down_proj 1.58 GiB instead
     of 3.06) and its loss is evaluated blockwise: the same sum in another order, so the losses change in
     their last bits only. Grams within gram_whole_max (all, by default) take the whole-matrix path, bit for
-    bit as before."""
+    bit as before.
+    GPTQ rounding (scfg.rounding == "gptq") needs each linear's full Gram when it is quantized, after every
+    fold: the Grams are then kept whole (not cut to diagonal blocks) until the end of the block, so the block
+    holds all of them at once, whatever gram_bytes says: one K^2 fp32 per distinct input (Llama-2-7B: 3 x
+    4096^2 + 11008^2 floats = 0.64 GiB; 70B: 8192^2 x 3 + 28672^2 floats = 3.8 GiB; an MoE block one per
+    routed expert, which can be far more), plus one scaled copy and an fp64 factorisation of the linear being
+    quantized (K^2 x 12 bytes more, transiently). Its Grams are never cut into panels."""
     ph = _Phases(index)
     lins = quantizable_linears(block, arch)
     for name, lin in lins.items():
@@ -418,8 +424,13 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             elif all(_has(block, n) for n in (g.prev, *g.linears)):  # optional; report shape mismatches only
                 report["skipped_groups"].append(f"{g.prev} -> {','.join(g.linears)}")
         clip = {n for n in lins if scfg.clip_grid > 0 and n not in arch.no_clip}
+    gptq_rounding = scfg is not None and scfg.rounding == "gptq"
+    if gptq_rounding:
+        gram_whole_max = math.inf  # GPTQ factors each full Gram: no panels (see the docstring's memory cost)
     grouped = {n for g in applying for n in g.linears}
-    orphans = [n for n in lins if n in clip and n not in grouped]  # clip search only: diagonal blocks
+    # linears in no scaling group whose Grams are still needed: for the clip search (diagonal blocks), and
+    # with GPTQ rounding all of them (full Grams)
+    orphans = [n for n in lins if (n in clip or gptq_rounding) and n not in grouped]
     experts = arch.experts.path if arch.experts else None
     units = [*applying, *orphans]
     # panels of ~PANEL_ROWS rows, whole groups each (the clip search reads the groups' diagonal blocks)
@@ -454,6 +465,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     search: dict[str, torch.Tensor] = {}
     in_scale: dict[str, torch.Tensor] = {}  # linear -> scale applied to its input columns
     diag: dict[str, torch.Tensor] = {}  # input key -> diagonal blocks [G, gs, gs] of its Gram (clip search)
+    full: dict[str, torch.Tensor] = {}  # input key -> its whole Gram [K, K] (GPTQ rounding)
     deferred: list[tuple[ScaleGroup, torch.Tensor]] = []  # searched, folded after the last pass's forward
     y = None
     for p, units in enumerate(passes):
@@ -504,7 +516,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                      for n in (v.linears if isinstance(v, ScaleGroup) else (v,))}
             for k in [k for k in stats.gram if k not in later]:
                 gm = stats.gram.pop(k)
-                if any(stats.key_of.get(n) == k for n in clip):
+                if gptq_rounding:
+                    full[k] = gm  # the clip search takes its diagonal blocks too
+                elif any(stats.key_of.get(n) == k for n in clip):
                     diag[k] = awq.diag_blocks(gm, qcfg.groups(gm.shape[0]))
                 del gm
 
@@ -512,16 +526,24 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     for name, lin in lins.items():
         w = lin.weight
         clip_min = clip_max = None
+        g_full = None  # GPTQ: the Gram of the linear's scaled input X / s, g_ij / (s_i s_j) [K, K]
+        if gptq_rounding and stats.has(name):
+            g_full, s = full[stats.key_of[name]], in_scale.get(name)
+            if s is not None:
+                g_full = g_full / (s[:, None] * s[None, :])
         if name in clip and stats.has(name):
             # with the folded scale s, the diagonal blocks of the Gram of X / s
-            g = awq.diag_blocks(diag[stats.key_of[name]], qcfg.groups(w.shape[1]), in_scale.get(name))
+            g = awq.diag_blocks(g_full, qcfg.groups(w.shape[1])) if g_full is not None else \
+                awq.diag_blocks(diag[stats.key_of[name]], qcfg.groups(w.shape[1]), in_scale.get(name))
             # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
             chunk = max(1024, (1 << 24) // w.shape[1]) if w.is_cuda else 1024
             clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
                                                  asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
-        linears[name] = quantize_linear(w, qcfg, clip_min, clip_max)
+        linears[name] = quantize_linear(w, qcfg, clip_min, clip_max, g=g_full,
+                                        damp=scfg.gptq_damp if g_full is not None else 0.01)
+        del g_full
     ph.end("clip_quantize")
     if x_in is not None:  # the next block's input: this block's output with its quantized weights
         _forward(block, x_in, calls, batch_size, out=y)
@@ -534,13 +556,18 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
 
 def quantize_linear(w: torch.Tensor, qcfg: QuantConfig, clip_min=None, clip_max=None,
-                    max_elems: int = 1 << 24) -> LinearResult:
+                    max_elems: int = 1 << 24, g: torch.Tensor | None = None,
+                    damp: float = 0.01) -> LinearResult:
     """Integer codes and qparams of w [N, K] (ranges clip_min/max [N, G] if given; scales rounded to the
     fp16 the checkpoint stores), and w overwritten with its dequantized values. By chunks of rows of at most
     max_elems weights, so that the fp32 temporaries stay ~64 MiB (7B down_proj: 4096 x 11008 would take 0.17
-    GiB each): every step is per row, so the chunking does not change a bit."""
+    GiB each): every step is per row, so the chunking does not change a bit.
+    g [K, K]: the Gram of w's input (AWQ scale folded in); the codes are then rounded by GPTQ on the same grid
+    (salience.gptq; the scales and zeros are unchanged, the fp16-rounded scales are the grid it rounds to)
+    instead of to the nearest code. GPTQ too is per row: one factorisation of g serves every chunk."""
     n, k = w.shape
     ng = qcfg.groups(k)
+    u = gptq.inverse_factor(g, damp) if g is not None else None  # [K, K]
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     scales = torch.empty(n, ng, dtype=torch.float32, device=w.device)
     zeros = torch.empty(n, ng, dtype=torch.float32, device=w.device)
@@ -550,7 +577,11 @@ def quantize_linear(w: torch.Tensor, qcfg: QuantConfig, clip_min=None, clip_max=
         s, z = compute_qparams(w[rows], qcfg, None if clip_min is None else clip_min[rows],
                                None if clip_max is None else clip_max[rows])
         s = s.half().float()  # the checkpoint stores fp16 scales: quantize with exactly those
-        codes[rows], scales[rows], zeros[rows] = quantize(w[rows], qcfg, s, z)
+        if u is None:
+            codes[rows], scales[rows], zeros[rows] = quantize(w[rows], qcfg, s, z)
+        else:
+            codes[rows] = gptq.round_with_factor(w[rows], u, s, z, qcfg)
+            scales[rows], zeros[rows] = s, z
         w[rows] = dequantize(codes[rows], scales[rows], zeros[rows], qcfg, dtype=w.dtype)
     return LinearResult(codes, scales, zeros)
 

@@ -24,10 +24,12 @@ def _run(model_type, scfg, gram_bytes, dtype=torch.bfloat16):
 
 
 # llama: MHA (v -> o group); qwen2: GQA (o_proj in no group: clip search only); qwen2_moe: experts, router,
-# shared expert; deepseek_v3 with the output loss: a search that reads an earlier fold's module (the last pass)
+# shared expert; deepseek_v3 with the output loss: a search that reads an earlier fold's module (the last pass);
+# GPTQ rounding: full Grams kept from every pass until the block's linears are quantized
 @pytest.mark.parametrize("model_type,scfg", [
     ("llama", SearchConfig()), ("qwen2", SearchConfig(formula="both", refine=1)), ("qwen2_moe", SearchConfig()),
-    ("deepseek_v3", SearchConfig(loss="output", search_tokens=64)), ("llama", SearchConfig(propagate=True))])
+    ("deepseek_v3", SearchConfig(loss="output", search_tokens=64)), ("llama", SearchConfig(propagate=True)),
+    ("qwen2", SearchConfig(rounding="gptq")), ("qwen2_moe", SearchConfig(rounding="gptq"))])
 def test_passes_change_nothing(model_type, scfg):
     one, rep1 = _run(model_type, scfg, float("inf"))
     many, rep2 = _run(model_type, scfg, 0)  # one group (or orphan linear) per pass
