@@ -456,14 +456,10 @@ def sweep_gemv(out_dir, ms=(1,)):
 
 
 def row_major(p):
-    """The same PackedInt4 with its codes stored the pre-tiling way, row-major [Np, Kp/8] (each row's units
-    contiguous, rows Kp/2 bytes apart), handed to the kernels as a strided [Np/128, units, 128, 16] view."""
-    from salience.kernels.layout import rows_view
+    """The same PackedInt4 with its codes stored the pre-tiling way, row-major (layout.row_major_view)."""
+    from salience.kernels.layout import row_major_view
 
-    rm = rows_view(p.qweight).reshape(p.qweight.shape[0] * 128, -1).contiguous()  # [Np, Kp/8]
-    nb, units = p.qweight.shape[:2]
-    view = rm.view(nb, 128, units, 16).permute(0, 2, 1, 3)  # strides (128 Kp/8, 16, Kp/8, 1)
-    return dataclasses.replace(p, qweight=view, locks=p.locks.clone())
+    return dataclasses.replace(p, qweight=row_major_view(p.qweight), locks=p.locks.clone())
 
 
 def sweep_layout(out_dir, deadline_s=None):
@@ -477,7 +473,8 @@ def sweep_layout(out_dir, deadline_s=None):
     shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
     gemv_cfgs = [dict(block_n=bn, wide=u, waves=wv, stages=st, num_warps=4)
                  for bn in (128, 64) for u in (1, 2) for wv in (1, 2, 4) for st in (2, 3, 4)]
-    gemm_cfgs = [dict(block_n=bn, num_stages=ns, split=sp) for bn in (128, 64) for ns in (3, 4) for sp in (None, 1)]
+    gemm_cfgs = [dict(block_n=bn, num_stages=ns, split=sp)
+                 for bn in (128, 64) for ns in (3, 4) for sp in (None, 1)]
     res, t0 = [], time.time()
     for k, n in shapes:
         if deadline_s and time.time() - t0 > deadline_s:
@@ -500,7 +497,8 @@ def sweep_layout(out_dir, deadline_s=None):
                     "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
                                       for t in tgs], target_s=0.01)[0]}
             for name, ps in lay.items():
-                base[f"default_{name}"] = gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0]
+                base[f"default_{name}"] = gpu_time([lambda p=p: int4_linear(x, p) for p in ps],
+                                                   target_s=0.01)[0]
             best = {}
             for name, ps in lay.items():
                 kern, cfgs = (T.gemv, gemv_cfgs) if m == 1 else (T.gemm, gemm_cfgs)

@@ -113,7 +113,7 @@ def repack_gpu(qweight, qzeros, scales, group_size: int):
     c = codes.reshape(np_, kp // UNIT, 8, WORDS).transpose(2, 3)  # [Np, units, s, i]
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=c.device)
     words = (c << shifts).sum(dim=-1)  # [Np, units, 16], < 2^32, nibbles do not overlap
-    # [Np, units, 16] -> [Np/128, 128, units, 16] -> [Np/128, units, 128, 16]: one 8 KiB tile per (block, unit)
+    # [Np, units, 16] -> [Np/128, 128, units, 16] -> [Np/128, units, 128, 16]: an 8 KiB tile per (block, unit)
     qw = _to_int32(words).reshape(np_ // N_ALIGN, N_ALIGN, kp // UNIT, WORDS).transpose(1, 2).contiguous()
     s_bits = _pad(s, np_, gp).view(torch.int16).to(torch.int32) & 0xFFFF  # [Np, Gp]
     sz = (s_bits | (_pad(z, np_, gp) << 16)).t().contiguous()  # [Gp, Np]
@@ -130,6 +130,15 @@ def rows_view(qw: torch.Tensor) -> torch.Tensor:
     """The GPU qweight [Np/128, units, 128, 16] as [Np, units, 16] (row n, unit u, word s); a copy."""
     nb, units, rows, words = qw.shape
     return qw.transpose(1, 2).reshape(nb * rows, units, words)
+
+
+def row_major_view(qw: torch.Tensor) -> torch.Tensor:
+    """The codes of qw [Np/128, units, 128, 16] stored row-major ([Np, Kp/8], each row's units contiguous:
+    the order before the tiles), seen as a strided [Np/128, units, 128, 16] view of that copy, which the
+    kernels read like qw (benchmarks/int4_kernels.py --sweep-layout times the two orders; tests)."""
+    nb, units = qw.shape[:2]
+    rm = rows_view(qw).reshape(nb * N_ALIGN, units * WORDS).contiguous()  # [Np, Kp/8]
+    return rm.view(nb, N_ALIGN, units, WORDS).permute(0, 2, 1, 3)  # strides (128 Kp/8, 16, Kp/8, 1)
 
 
 def unpack_gpu(qw: torch.Tensor) -> torch.Tensor:

@@ -261,7 +261,8 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     ru = tl.arange(0, U)
     rs = tl.arange(0, _WORDS)
-    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
+    # [BN, U, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]
     x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
@@ -468,8 +469,7 @@ def _check_block_n(bn: int):
         raise ValueError(f"BLOCK_N must divide 128 (a tile stays inside one block of 128 rows), got {bn}")
 
 
-def _launch_args(x2, p, bias, out, n_split, m_rows):
-    np_ = p.qweight.shape[0] * p.qweight.shape[2]
+def _launch_args(x2, p, bias, out, n_split, m_rows, np_):
     ws = torch.empty(n_split, m_rows, np_, device=x2.device, dtype=torch.float32) if n_split > 1 else out
     b = bias if bias is not None else out
     return (x2, p.qweight, p.scales, b, out, ws, p.locks)
@@ -513,7 +513,7 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tiles = np_ // block_n
     n_split, ups = _split(tiles * m, n_units, wide, _n_sms(x2), split, waves)
-    args = (*_launch_args(x2, p, bias, out, n_split, m),
+    args = (*_launch_args(x2, p, bias, out, n_split, m, np_),
             m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0), ONE)
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
                 **_reg_cap(maxnreg))
@@ -548,7 +548,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split)
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
-        *_launch_args(x2, p, bias, out, n_split, m),
+        *_launch_args(x2, p, bias, out, n_split, m, np_),
         m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
         BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
         SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
