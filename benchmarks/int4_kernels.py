@@ -455,63 +455,6 @@ def sweep_gemv(out_dir, ms=(1,)):
                                                                       indent=0))
 
 
-def sweep_prefetch(out_dir, deadline_s=None):
-    """L2 prefetch distance (units ahead, 0 = off) of the M = 1 GEMV and of the GEMM at M = 4, 16, 64, over
-    a few stage/split settings each, on the 7B/8B shapes, with tinygemm and cuBLAS bf16 in the same run.
-    Writes kernels_sweep_prefetch.json; prints the best of each distance per shape."""
-    from salience.kernels import triton_int4 as T
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
-    pfs = (0, 2, 4, 8, 16)
-    gemv_cfgs = [dict(stages=st, waves=wv) for st in (2, 3) for wv in (2, 4)]
-    gemm_cfgs = [dict(num_stages=ns) for ns in (2, 3)]
-    res, t0 = [], time.time()
-    for k, n in shapes:
-        if deadline_s and time.time() - t0 > deadline_s:
-            print(f"deadline: skipping K={k} N={n}", flush=True)
-            continue
-        awq = random_awq(k, n, GS, "cuda", seed=1)
-        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
-        nc = n_copies(n * k // 2, l2)
-        ps = [p0] + [copy_packed(p0) for _ in range(nc - 1)]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
-        tg = tinygemm_weights(*awq, GS)
-        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(nc - 1)]
-        for m in (1, 4, 16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            byt = int4_bytes(n, k, m)
-            ref = x.float() @ T.dequantize(p0, torch.float32).t()
-            base = {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
-                    "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
-                                      for t in tgs], target_s=0.01)[0],
-                    "default": gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0]}
-            kern, cfgs = (T.gemv, gemv_cfgs) if m == 1 else (T.gemm, gemm_cfgs)
-            best = {}
-            for pf in pfs:
-                for cfg in [{}] + cfgs:
-                    cfg = dict(cfg, prefetch=pf)
-                    y = kern(x, p0, **cfg).float()
-                    err = ((y - ref).norm() / ref.norm()).item()
-                    t, _ = gpu_time([lambda p=p: kern(x, p, **cfg) for p in ps], target_s=0.01)
-                    res.append({"k": k, "n": n, "m": m, "cfg": cfg, "us": t * 1e6, "tbs": byt / t / 1e12,
-                                "rel_err": err})
-                    if pf not in best or t < best[pf][0]:
-                        best[pf] = (t, cfg)
-            res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
-            line = " | ".join(f"pf{pf} {best[pf][0] * 1e6:6.1f}" for pf in pfs)
-            bt, bc = min(best.values(), key=lambda b: b[0])
-            print(f"K={k:5} N={n:6} M={m:2} | default {base['default'] * 1e6:6.1f} us | {line} | best "
-                  f"{bt * 1e6:6.1f} us {byt / bt / 1e12:4.2f} TB/s {bc} | x default {base['default'] / bt:4.2f} "
-                  f"x tiny {base['tiny'] / bt:4.2f} x bf16 {base['bf16'] / bt:4.2f}", flush=True)
-        del ps, ws, tgs, p0, awq
-        torch.cuda.empty_cache()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kernels_sweep_prefetch.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
-                                                                        indent=0))
-
-
 def row_major(p):
     """The same PackedInt4 with its codes stored the pre-tiling way, row-major (layout.row_major_view)."""
     from salience.kernels.layout import row_major_view
@@ -687,7 +630,6 @@ def main():
     ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV configurations (BLOCK_N, units per step, stages, waves)")
     ap.add_argument("--sweep-layout", action="store_true",
                     help="GPU: tiled vs row-major code layout, GEMV and GEMM configurations, same kernels")
-    ap.add_argument("--sweep-prefetch", action="store_true", help="GPU: L2 prefetch distance of the GEMV/GEMM")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -714,8 +656,6 @@ def main():
         return
     if a.sweep_layout:
         sweep_layout(a.out, a.deadline)
-    if a.sweep_prefetch:
-        sweep_prefetch(a.out, a.deadline)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

@@ -229,23 +229,6 @@ def test_fp32_activations_go_through_dequantize():
     assert y.dtype == torch.float32 and rel_err(y.cpu(), ref) < 1e-4  # cuBLAS may use tf32-free fp32
 
 
-@pytest.mark.parametrize("kind,m", [("gemv", 1), ("gemm", 16), ("gemm", 64)])
-@pytest.mark.parametrize("pf", [1, 4, 16])
-def test_l2_prefetch(kind, m, pf):
-    """L2 prefetch (GPU only: PTX) changes no number, at any distance, also past the end of a split;
-    the interpreter refuses it rather than ignore it."""
-    p, awq = packed(*((4104, 4096, 128) if CUDA else (136, 1024, 128)))
-    x, b = inputs(m, p.k, p.n, BF16, True, seed=m)
-    kern = T.gemv if kind == "gemv" else T.gemm
-    if not CUDA:
-        with pytest.raises(ValueError, match="needs a GPU"):
-            kern(x, p, b, prefetch=pf)
-        return
-    y = kern(x, p, b, prefetch=pf)
-    assert torch.equal(y, kern(x, p, b, prefetch=0))
-    check(y, x, awq, 128, b, p)
-
-
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay():
     p, _ = packed(4104, 4096, 128)

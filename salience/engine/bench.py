@@ -310,9 +310,6 @@ def parse(argv):
     p.add_argument("--budget", type=float, default=420.0, help="seconds; cases after this are skipped")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine decode without CUDA graphs")
     p.add_argument("--no-compile", action="store_true", help="engine decode without torch.compile'd ops")
-    p.add_argument("--kernel-prefetch", type=int, default=None,
-                   help="L2 prefetch distance (units) of the int4 GEMV/GEMM for this run (tuning; default: "
-                        "the kernels' own)")
     p.add_argument("--device", default="cuda", help="GPU matrix on this device (cpu: a smoke test with "
                    "--shapes tiny)")
     p.add_argument("--w4", help="CPU: a 4-bit SmolLM2 checkpoint (default: write an RTN one once)")
@@ -337,10 +334,6 @@ def main(argv=None):
     else:
         if a.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: pass --cpu for the CPU benchmark")
-        if a.kernel_prefetch is not None:
-            from ..kernels import triton_int4
-
-            triton_int4.GEMV_PREFETCH = triton_int4.GEMM_PREFETCH = a.kernel_prefetch
         rows = run_gpu(a)
         write(a, rows, torch.device(a.device))
     print(Path(a.out).with_suffix(".md").read_text())

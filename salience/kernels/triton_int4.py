@@ -53,8 +53,6 @@ GEMV_MAX_M = 1  # tokens up to which the GEMV (gemv(): _gemv_wide_kernel or _gem
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
-GEMV_PREFETCH = 0  # L2 prefetch distance (units) of the M = 1 wide GEMV and of the GEMM; 0: off
-GEMM_PREFETCH = 0
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
 # (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
 _RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE"]  # UPG == 1 is worth a variant
@@ -73,15 +71,6 @@ def _nibble_f32(words, i: tl.constexpr, one):
     else:
         t = words >> (4 * i - 19)
     return ((t & 0x780000) | one).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ptrs: fire and forget (no register receives the data and nothing
-    waits), so it adds bytes in flight without the registers or shared memory that a deeper cp.async ring
-    costs. PTX only: callers pass PF = 0 under the interpreter."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -253,7 +242,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, ONE,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      STAGES: tl.constexpr, STEP_SUM: tl.constexpr, PF: tl.constexpr):
+                      STAGES: tl.constexpr, STEP_SUM: tl.constexpr):
     """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
     consecutive units per step: [BN, U, 16] words. A loop given num_stages (tl.range) has all its
     loads pipelined by Triton, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
@@ -265,18 +254,15 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     unit's x sum X = sum_s xs[s] (the same for every row),
         sum_s (16 s p[s] + c xs[s]) = 16 s P + c X.
     NCU (H200, 7B qkv, without it): 165 registers a thread, 3 programs per SM, 2.45 warps per scheduler
-    of which 1.06 eligible: latency-bound at low occupancy; this frees ~30 registers a thread.
-
-    PF > 0: the words PF units ahead of each step are prefetched into L2 (_prefetch_l2), and the first
-    PF units before the loop, so that the ring's cp.async copies find them in L2."""
+    of which 1.06 eligible: latency-bound at low occupancy; this frees ~30 registers a thread."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     ru = tl.arange(0, U)
     rs = tl.arange(0, _WORDS)
-    w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)  # [BN]
-    w_base = w_rows[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
+    # [BN, U, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]
     x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
@@ -284,12 +270,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
         acc = tl.zeros([BN, U], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, U, _WORDS], dtype=tl.float32)
-    if PF > 0:
-        for d in tl.static_range(PF):
-            _prefetch_l2(w_rows + tl.minimum(u_lo + d, u_hi - 1) * SWU)
     for u in tl.range(u_lo, u_hi, U, num_stages=STAGES):
-        if PF > 0:
-            _prefetch_l2(w_rows[:, None] + tl.minimum(u + PF + ru, u_hi - 1)[None, :] * SWU)
         uok = (u + ru) < u_hi  # [U]
         words = tl.load(w_base + u * SWU, mask=uok[None, :, None], other=0)
         s16, c = _scale_zero(tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None],
@@ -331,8 +312,7 @@ def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
 def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr,
-                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                 PF: tl.constexpr):
+                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16], times x[:, 16 codes].T on the
     tensor cores (wgmma, A from registers); acc is [BN, BM]. Words, scales (4-byte loads) and x are
     pipelined by Triton (num_stages). Two ways to apply scales and zeros:
@@ -344,8 +324,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 
     in fp32, once per group rather than once per code ([BN, BM] work per group: cheap while BM is).
     Otherwise each code is dequantized, (q - z) * s = fma(v, 16s, c) rounded to x's dtype (exactly the
-    spec's weight), and the dots accumulate straight into acc. PF > 0: L2 prefetch PF units ahead, as in
-    _gemv_wide_kernel."""
+    spec's weight), and the dots accumulate straight into acc."""
     NPG: tl.constexpr = 8 // SUB  # nibble slices per group
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -353,8 +332,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rs = tl.arange(0, _WORDS)
-    w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)  # [BN]
-    w_base = w_rows[:, None] + rs[None, :]  # [BN, 16]
+    w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None] + rs[None, :]  # [BN, 16]
     x_base = x_ptr + rm[:, None] * stride_xm + rs[None, :]  # [BM, 16]
     m_ok = rm[:, None] < M
     u_lo = pid_k * units_per_split
@@ -363,12 +341,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     B: tl.constexpr = 128.0 if dt == tl.bfloat16 else 1024.0
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    if PF > 0:
-        for d in tl.static_range(PF):
-            _prefetch_l2(w_rows + tl.minimum(u_lo + d, u_hi - 1) * SWU)
     for u in range(u_lo, u_hi):
-        if PF > 0:
-            _prefetch_l2(w_rows + tl.minimum(u + PF, u_hi - 1) * SWU)
         words = tl.load(w_base + u * SWU)  # [BN, 16] int32
         xk = x_base + u * 128
         for i in tl.static_range(8):
@@ -522,21 +495,12 @@ def _gemv_config(np_: int, k: int):
     return 128, 2, 4, 3, False  # 7B qkv and gate_up
 
 
-def _prefetch_units(pf, default: int) -> int:
-    """L2 prefetch distance in units (0: none). The interpreter has no PTX: only 0 there."""
-    pf = default if pf is None else pf
-    if _interpreted() and pf:
-        raise ValueError("L2 prefetch (prefetch > 0) needs a GPU: Triton's interpreter runs no PTX")
-    return 0 if _interpreted() else pf
-
-
 def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=None, wide=None, waves=None,
-         stages=None, step_sum=None, prefetch=None):
+         stages=None, step_sum=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
     Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
     _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
-    waves: split-K aims at this many programs per SM; prefetch: L2 prefetch distance in units (wide kernel
-    only). Unset arguments come from _gemv_config and GEMV_PREFETCH."""
+    waves: split-K aims at this many programs per SM. Unset arguments come from _gemv_config."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
@@ -554,8 +518,7 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, num_warps=num_warps, num_stages=1,
                 **_reg_cap(maxnreg))
     if use_wide:
-        _gemv_wide_kernel[(tiles, n_split, m)](*args, U=wide, STAGES=stages, STEP_SUM=step_sum,
-                                               PF=_prefetch_units(prefetch, GEMV_PREFETCH), **meta)
+        _gemv_wide_kernel[(tiles, n_split, m)](*args, U=wide, STAGES=stages, STEP_SUM=step_sum, **meta)
     else:
         _gemv_kernel[(tiles, n_split, m)](*args, SUB=sub, MASK_K=(k % UNIT != 0), **meta)
     return out
@@ -571,9 +534,8 @@ def _gemm_config(m: int, np_: int):
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
-         per_group=None, maxnreg=None, prefetch=None):
-    """Fused dequant + tensor-core GEMM, split-K when the grid is small; prefetch: L2 prefetch distance
-    in units (default GEMM_PREFETCH)."""
+         per_group=None, maxnreg=None):
+    """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
     bm, bn, nw, ns = _gemm_config(m, np_)
@@ -589,8 +551,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
         *_launch_args(x2, p, bias, out, n_split, m, np_),
         m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
         BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
-        SPLIT=n_split > 1, DOT_F32=_interpreted(), PF=_prefetch_units(prefetch, GEMM_PREFETCH), num_warps=nw,
-        num_stages=ns, **_reg_cap(maxnreg))
+        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
     return out
 
 
