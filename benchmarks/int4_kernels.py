@@ -455,6 +455,76 @@ def sweep_gemv(out_dir, ms=(1,)):
                                                                       indent=0))
 
 
+def sweep_split(out_dir, deadline_s=None):
+    """GEMM at M = 4..128: split-K count (partials cost n_split * M * N * 4 bytes written and read back,
+    as much as the codes themselves at M = 16 with 16 splits of a 4096-wide matrix), BLOCK_N and
+    BLOCK_M, on the 7B/8B shapes, with cuBLAS bf16 and tinygemm in the same run. Also each shape's
+    dispatcher default and bf16 with the weights L2-hot (one copy, no rotation) against the usual
+    rotated copies, and the floor of a launch (a 128 x 128 matrix). Writes kernels_sweep_split.json."""
+    from salience.kernels import triton_int4 as T
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
+    res, t0 = [], time.time()
+    tiny_p = PackedInt4.from_awq(*random_awq(128, 128, GS, "cuda"), GS, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 16):
+        x = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16)
+        t, _ = gpu_time([lambda: int4_linear(x, tiny_p)], target_s=0.01)
+        res.append({"k": 128, "n": 128, "m": m, "floor_us": t * 1e6})
+        print(f"launch floor (K=N=128) M={m}: {t * 1e6:.2f} us", flush=True)
+    for k, n in shapes:
+        if deadline_s and time.time() - t0 > deadline_s:
+            print(f"deadline: skipping K={k} N={n}", flush=True)
+            continue
+        awq = random_awq(k, n, GS, "cuda", seed=1)
+        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
+        tg = tinygemm_weights(*awq, GS)
+        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(len(ps) - 1)]
+        for m in (1, 4, 16, 64, 128):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            byt = int4_bytes(n, k, m)
+            base = {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
+                    "bf16_hot": gpu_time([lambda: F.linear(x, w)], target_s=0.01)[0],
+                    "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
+                                      for t in tgs], target_s=0.01)[0],
+                    "default": gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0],
+                    "default_hot": gpu_time([lambda: int4_linear(x, p0)], target_s=0.01)[0]}
+            res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
+            msg = (f"K={k:5} N={n:6} M={m:3} | default {base['default'] * 1e6:6.1f} us (hot {base['default_hot'] * 1e6:6.1f})"
+                   f" | bf16 {base['bf16'] * 1e6:6.1f} (hot {base['bf16_hot'] * 1e6:6.1f}) | tiny {base['tiny'] * 1e6:6.1f}")
+            if m == 1:
+                print(msg, flush=True)
+                continue
+            ref = x.float() @ T.dequantize(p0, torch.float32).t()
+            bms = (None,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)
+            best = None
+            for bm in bms:
+                for bn in (64, 128):
+                    for sp in (1, 2, 4, 8, 16, None):
+                        cfg = dict(block_m=bm, block_n=bn, split=sp)
+                        if bm == 128:
+                            cfg["num_warps"] = 8
+                        y = T.gemm(x, p0, **cfg).float()
+                        err = ((y - ref).norm() / ref.norm()).item()
+                        t, _ = gpu_time([lambda p=p: T.gemm(x, p, **cfg) for p in ps], target_s=0.01)
+                        res.append({"k": k, "n": n, "m": m, "cfg": cfg, "us": t * 1e6, "tbs": byt / t / 1e12,
+                                    "rel_err": err})
+                        if best is None or t < best[0]:
+                            best = (t, cfg)
+            bt = best[0]
+            print(f"{msg} | best {bt * 1e6:6.1f} us {byt / bt / 1e12:4.2f} TB/s {best[1]} | x default "
+                  f"{base['default'] / bt:4.2f} x bf16 {base['bf16'] / bt:4.2f} x tiny {base['tiny'] / bt:4.2f}",
+                  flush=True)
+        del ps, ws, tgs, p0, awq
+        torch.cuda.empty_cache()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "kernels_sweep_split.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
+                                                                     indent=0))
+
+
 def row_major(p):
     """The same PackedInt4 with its codes stored the pre-tiling way, row-major (layout.row_major_view)."""
     from salience.kernels.layout import row_major_view
@@ -630,6 +700,8 @@ def main():
     ap.add_argument("--sweep-gemv", action="store_true", help="GPU: M=1 GEMV configurations (BLOCK_N, units per step, stages, waves)")
     ap.add_argument("--sweep-layout", action="store_true",
                     help="GPU: tiled vs row-major code layout, GEMV and GEMM configurations, same kernels")
+    ap.add_argument("--sweep-split", action="store_true",
+                    help="GPU: GEMM split-K, BLOCK_N, BLOCK_M at M = 4..128; L2-hot vs rotated weights")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -656,6 +728,8 @@ def main():
         return
     if a.sweep_layout:
         sweep_layout(a.out, a.deadline)
+    if a.sweep_split:
+        sweep_split(a.out, a.deadline)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:
