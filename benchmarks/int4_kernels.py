@@ -525,6 +525,46 @@ def sweep_split(out_dir, deadline_s=None):
                                                                      indent=0))
 
 
+def floor_m1(out_dir):
+    """Why a 128 x 128 GEMV takes 6.5 us at M = 1 when the GEMM takes 2.8 at M = 16 (sweep_split): an empty
+    Triton kernel, the GEMV's variants (stages, step sum) and the GEMM run at M = 1 (BLOCK_N, split), on
+    a tiny matrix and the narrow 7B/8B shapes. Writes kernels_floor_m1.json."""
+    import triton
+    import triton.language as tl
+
+    from salience.kernels import triton_int4 as T
+
+    @triton.jit
+    def _empty(out_ptr):
+        tl.store(out_ptr + tl.arange(0, 1), tl.zeros([1], dtype=tl.float32))
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    buf = torch.empty(1, device="cuda")
+    res = [{"kernel": "empty", "us": gpu_time([lambda: _empty[(1,)](buf)], target_s=0.01)[0] * 1e6}]
+    print(f"empty Triton kernel: {res[0]['us']:.2f} us", flush=True)
+    variants = {"gemv default": (T.gemv, {}), "gemv stages 1": (T.gemv, dict(stages=1)),
+                "gemv stages 2": (T.gemv, dict(stages=2)), "gemv wide 1": (T.gemv, dict(wide=1)),
+                "gemv step_sum": (T.gemv, dict(step_sum=True)), "gemv warps 2": (T.gemv, dict(num_warps=2))}
+    variants.update({f"gemm bn{bn} split {sp}": (T.gemm, dict(block_n=bn, split=sp))
+                     for bn in (64, 128) for sp in (None, 1, 4, 8, 16)})
+    for k, n in ((128, 128), (4096, 4096), (4096, 6144), (11008, 4096), (14336, 4096), (4096, 12288), (4096, 22016)):
+        awq = random_awq(k, n, GS, "cuda", seed=1)
+        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = T.gemv(x, p0).float()
+        out = []
+        for name, (kern, cfg) in variants.items():
+            y = kern(x, p0, **cfg).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            t, _ = gpu_time([lambda p=p: kern(x, p, **cfg) for p in ps], target_s=0.01)
+            res.append({"k": k, "n": n, "variant": name, "us": t * 1e6, "rel_err_vs_gemv": err})
+            out.append(f"{name} {t * 1e6:.1f}")
+        print(f"K={k:5} N={n:6} M=1 | " + " | ".join(out), flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels_floor_m1.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res}, indent=0))
+
+
 def row_major(p):
     """The same PackedInt4 with its codes stored the pre-tiling way, row-major (layout.row_major_view)."""
     from salience.kernels.layout import row_major_view
@@ -702,6 +742,7 @@ def main():
                     help="GPU: tiled vs row-major code layout, GEMV and GEMM configurations, same kernels")
     ap.add_argument("--sweep-split", action="store_true",
                     help="GPU: GEMM split-K, BLOCK_N, BLOCK_M at M = 4..128; L2-hot vs rotated weights")
+    ap.add_argument("--floor", action="store_true", help="GPU: fixed cost of the M=1 GEMV vs the GEMM at M=1")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     ap.add_argument("--stem", default="kernels")
@@ -730,6 +771,8 @@ def main():
         sweep_layout(a.out, a.deadline)
     if a.sweep_split:
         sweep_split(a.out, a.deadline)
+    if a.floor:
+        floor_m1(a.out)
         return
     models, ms = GPU_MODELS, GPU_MS
     if a.quick:

@@ -442,11 +442,12 @@ def _geometry(p):
     return (UNIT // gs, 1) if gs < UNIT else (1, gs // UNIT)
 
 
-def _split(tiles: int, n_units: int, step: int, sms: int, split, waves: int = SPLIT_WAVES):
+def _split(tiles: int, n_units: int, step: int, sms: int, split, waves: int = SPLIT_WAVES, cap: int = MAX_SPLIT):
     """Split-K: (n_split, units_per_split), units_per_split a multiple of step; no split is empty; about
-    `waves` programs per SM unless `split` is given. Block sizes must divide Np (a multiple of 128)."""
+    `waves` programs per SM, at most `cap` splits, unless `split` is given. Block sizes must divide Np (a
+    multiple of 128)."""
     if split is None:
-        split = max(1, min(waves * sms // max(tiles, 1), n_units // (2 * step), MAX_SPLIT))
+        split = max(1, min(waves * sms // max(tiles, 1), n_units // (2 * step), cap))
     if tiles > LOCKS:  # one counter per tile
         split = 1
     ups = -(-n_units // split)
@@ -524,13 +525,15 @@ def gemv(x2, p, bias=None, *, block_n=None, split=None, num_warps=4, maxnreg=Non
     return out
 
 
-def _gemm_config(m: int, np_: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the H200 sweep of the tiled layout
-    (benchmarks/int4_kernels.py --sweep-layout): BLOCK_N 128 and 3 stages (whole 8 KiB tiles) but for narrow
-    matrices at up to 16 tokens, where 64 rows a tile make more programs."""
+def _gemm_config(m: int, k: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, split cap) from the H200 sweep of split-K counts
+    (benchmarks/int4_kernels.py --sweep-split, results/h200/s5/run2/): BLOCK_N 128 on every shape, and at
+    most min(8, K / 16M) splits. Each split writes and reads back an fp32 partial tile: n_split * M * N * 8
+    bytes against the codes' N * K / 2, so the cap keeps the partials within the codes' own traffic. With
+    4-wave splits the narrow matrices (N = 4096-6144) lost 15-50 % at M = 64 to partials (o_proj 27.0 ->
+    18.5 us with 4 splits) and a few % at M = 4-16."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 64 if (np_ <= 6144 and m <= 16) else 128
-    return bm, bn, 4, 3
+    return bm, 128, 4, 3, max(1, min(8, k // (16 * m)))
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
@@ -538,14 +541,14 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
-    bm, bn, nw, ns = _gemm_config(m, np_)
+    bm, bn, nw, ns, cap = _gemm_config(m, k)
     bm, bn = block_m or bm, block_n or bn
     _check_block_n(bn)
     nw, ns = num_warps or nw, num_stages or ns
     per_group = bm <= 16 if per_group is None else per_group
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tn, tm = np_ // bn, triton.cdiv(m, bm)
-    n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split)
+    n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split, cap=cap)
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m, np_),
