@@ -12,7 +12,7 @@ judged by effective bandwidth (bytes of weights, scales, zeros, x and out per ca
                    registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
-Measured on an H100 (benchmarks/results/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
+Measured on an H100 (benchmarks/results/h100/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
 M = 1, short of the 2.5-3 TB/s the hardware allows; on an H200 (4.8 TB/s datasheet, ~4.3 measured by a
 copy) 1.1-2.7 TB/s with the tiled layout (results/h200/). Not for lack of bytes in flight (a deeper
 cp.async ring did not help) nor of instruction throughput alone (fp16x2 math with 35 % fewer
