@@ -368,8 +368,7 @@ def sweep(out_dir):
                   f"{int4_bytes(n, k, m) / best[0] / 1e12:.2f} TB/s {best[1]} split={best[2]}", flush=True)
         del ps, p0, awq
         torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels_sweep.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res}, indent=0))
+    save_sweep(out_dir, "kernels_sweep", res)
 
 
 def sweep_regs(out_dir):
@@ -399,6 +398,33 @@ def sweep_regs(out_dir):
     (out_dir / "kernels_sweep_regs.json").write_text(json.dumps(res, indent=0))
 
 
+def save_sweep(out_dir, stem, rows):
+    """out_dir/stem.json: the machine and the sweep's rows (rewritten after each shape: a cut run keeps them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"machine": machine_gpu(), "rows": rows}, indent=0))
+
+
+def sweep_operands(k, n, l2):
+    """One shape's operands for the sweeps, each with enough copies to defeat L2 (n_copies): the AWQ
+    tensors, our packed weights (ps[0] the original), a bf16 dense weight and tinygemm's weights."""
+    awq = random_awq(k, n, GS, "cuda", seed=1)
+    p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
+    nc = n_copies(n * k // 2, l2)
+    ps = [p0] + [copy_packed(p0) for _ in range(nc - 1)]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
+    tg = tinygemm_weights(*awq, GS)
+    tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(nc - 1)]
+    return awq, ps, ws, tgs
+
+
+def baseline_times(x, ws, tgs):
+    """Seconds per call of cuBLAS bf16 and tinygemm on x, over the rotated copies."""
+    return {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
+            "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1]) for t in tgs],
+                             target_s=0.01)[0]}
+
+
 def sweep_gemv(out_dir, ms=(1,)):
     """M = 1 GEMV (group 128): the dispatcher's default against _gemv_wide_kernel over (BLOCK_N, units per
     step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run. Writes
@@ -417,22 +443,14 @@ def sweep_gemv(out_dir, ms=(1,)):
             for st in (2, 3, 4) for wv in (2, 4, 8) for ss in (True, False)]
     res = []
     for k, n in shapes:
-        awq = random_awq(k, n, GS, "cuda", seed=1)
-        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
-        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
-        tg = tinygemm_weights(*awq, GS)
-        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(n_copies(n * k // 2, l2) - 1)]
+        awq, ps, ws, tgs = sweep_operands(k, n, l2)
+        p0 = ps[0]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = T.gemv(x, p0)
             byt = int4_bytes(n, k, m)
-            base = {}
+            base = baseline_times(x, ws, tgs)
             base["default"], _ = gpu_time([lambda p=p: T.gemv(x, p) for p in ps], target_s=0.01)
-            base["bf16"], _ = gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)
-            base["tiny"], _ = gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
-                                        for t in tgs], target_s=0.01)
             best = None
             for cfg in cfgs:
                 y = T.gemv(x, p0, **cfg)
@@ -450,9 +468,7 @@ def sweep_gemv(out_dir, ms=(1,)):
                   flush=True)
         del ps, p0, awq, ws, tgs
         torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels_sweep_gemv_wide.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
-                                                                      indent=0))
+    save_sweep(out_dir, "kernels_sweep_gemv_wide", res)
 
 
 def sweep_split(out_dir, deadline_s=None):
@@ -476,22 +492,15 @@ def sweep_split(out_dir, deadline_s=None):
         if deadline_s and time.time() - t0 > deadline_s:
             print(f"deadline: skipping K={k} N={n}", flush=True)
             continue
-        awq = random_awq(k, n, GS, "cuda", seed=1)
-        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
-        ps = [p0] + [copy_packed(p0) for _ in range(n_copies(n * k // 2, l2) - 1)]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
-        tg = tinygemm_weights(*awq, GS)
-        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(len(ps) - 1)]
+        awq, ps, ws, tgs = sweep_operands(k, n, l2)
+        p0 = ps[0]
         for m in (1, 4, 16, 64, 128):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             byt = int4_bytes(n, k, m)
-            base = {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
-                    "bf16_hot": gpu_time([lambda: F.linear(x, w)], target_s=0.01)[0],
-                    "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
-                                      for t in tgs], target_s=0.01)[0],
-                    "default": gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0],
-                    "default_hot": gpu_time([lambda: int4_linear(x, p0)], target_s=0.01)[0]}
+            base = dict(baseline_times(x, ws, tgs),
+                        bf16_hot=gpu_time([lambda w=ws[0]: F.linear(x, w)], target_s=0.01)[0],
+                        default=gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0],
+                        default_hot=gpu_time([lambda p=p0: int4_linear(x, p)], target_s=0.01)[0])
             res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
             msg = (f"K={k:5} N={n:6} M={m:3} | default {base['default'] * 1e6:6.1f} us (hot {base['default_hot'] * 1e6:6.1f})"
                    f" | bf16 {base['bf16'] * 1e6:6.1f} (hot {base['bf16_hot'] * 1e6:6.1f}) | tiny {base['tiny'] * 1e6:6.1f}")
@@ -520,9 +529,7 @@ def sweep_split(out_dir, deadline_s=None):
                   flush=True)
         del ps, ws, tgs, p0, awq
         torch.cuda.empty_cache()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kernels_sweep_split.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
-                                                                     indent=0))
+        save_sweep(out_dir, "kernels_sweep_split", res)
 
 
 def floor_m1(out_dir):
@@ -561,8 +568,7 @@ def floor_m1(out_dir):
             res.append({"k": k, "n": n, "variant": name, "us": t * 1e6, "rel_err_vs_gemv": err})
             out.append(f"{name} {t * 1e6:.1f}")
         print(f"K={k:5} N={n:6} M=1 | " + " | ".join(out), flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels_floor_m1.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res}, indent=0))
+    save_sweep(out_dir, "kernels_floor_m1", res)
 
 
 def row_major(p):
@@ -590,22 +596,14 @@ def sweep_layout(out_dir, deadline_s=None):
         if deadline_s and time.time() - t0 > deadline_s:
             print(f"deadline: skipping K={k} N={n}", flush=True)
             continue
-        awq = random_awq(k, n, GS, "cuda", seed=1)
-        p0 = PackedInt4.from_awq(*awq, GS, device="cuda", dtype=torch.bfloat16)
-        nc = n_copies(n * k // 2, l2)
-        lay = {"tiled": [p0] + [copy_packed(p0) for _ in range(nc - 1)]}
-        lay["rowmajor"] = [row_major(p) for p in lay["tiled"]]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ws = [w] + [w.clone() for _ in range(n_copies(2 * n * k, l2) - 1)]
-        tg = tinygemm_weights(*awq, GS)
-        tgs = [tg] + [tuple(t.clone() for t in tg) for _ in range(nc - 1)]
+        awq, ps, ws, tgs = sweep_operands(k, n, l2)
+        p0 = ps[0]
+        lay = {"tiled": ps, "rowmajor": [row_major(p) for p in ps]}
         for m in (1, 4, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             byt = int4_bytes(n, k, m)
             ref = x.float() @ T.dequantize(p0, torch.float32).t()
-            base = {"bf16": gpu_time([lambda w=w: F.linear(x, w) for w in ws], target_s=0.01)[0],
-                    "tiny": gpu_time([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], GS, t[1])
-                                      for t in tgs], target_s=0.01)[0]}
+            base = baseline_times(x, ws, tgs)
             for name, ps in lay.items():
                 base[f"default_{name}"] = gpu_time([lambda p=p: int4_linear(x, p) for p in ps],
                                                    target_s=0.01)[0]
@@ -629,9 +627,7 @@ def sweep_layout(out_dir, deadline_s=None):
                   f"x bf16 {base['bf16'] / bt:4.2f}", flush=True)
         del lay, ws, tgs, p0, awq
         torch.cuda.empty_cache()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kernels_sweep_layout.json").write_text(json.dumps({"machine": machine_gpu(), "rows": res},
-                                                                      indent=0))
+        save_sweep(out_dir, "kernels_sweep_layout", res)
 
 
 # --------------------------------------------------------------------------------------------- CPU
