@@ -1,0 +1,39 @@
+"""benchmarks/ablation.py's held-out selection: the variant named, and the one choice across runs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("ablation", Path(__file__).parents[1] / "benchmarks" / "ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def _run(sel: dict[str, float], wiki: float = 25.0) -> dict:
+    return {"model": "m", "group_size": 64, "variants": [{"variant": v, "select_ppl": p, "ppl": wiki}
+                                                        for v, p in sel.items()]}
+
+
+def test_best_on_selection_ignores_the_evaluation():
+    res = [{"variant": "a", "select_ppl": 30.0, "ppl": 20.0}, {"variant": "b", "select_ppl": 29.0, "ppl": 25.0}]
+    assert ablation.best_on_selection(res)["variant"] == "b"
+    with pytest.raises(ValueError):
+        ablation.best_on_selection([])
+
+
+def test_choose_across_mean_relative_improvement():
+    base = ablation.DEFAULT
+    # model 1: x is 10% better than the default, y 2%; model 2: x 4% worse, y 6% better -> means 3% and 4%
+    runs = [_run({base: 100.0, "x": 90.0, "y": 98.0}), _run({base: 50.0, "x": 52.0, "y": 47.0, "z": 1.0})]
+    best, mean = ablation.choose_across(runs)
+    assert best == "y"
+    assert set(mean) == {base, "x", "y"}  # z: not in every run
+    assert mean[base] == 0 and mean["x"] == pytest.approx(0.03) and mean["y"] == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="baseline"):
+        ablation.choose_across([_run({"x": 1.0})])
+
+
+def test_default_variant_is_the_default_search():
+    assert ablation.VARIANTS[ablation.DEFAULT] == ablation.SearchConfig()
+    assert ablation.NOT_HELD_OUT >= {ablation.CALIB, ablation.EVAL}
