@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--select-text", help="held-out text (not lee, not wiki: e.g. mobydick) on which every "
                     "variant is also measured and the best one named")
     ap.add_argument("--select-windows", type=int, default=32, help="windows of 512 of the selection text")
+    ap.add_argument("--resume", action="store_true", help="continue the run of the same settings and tag: "
+                    "reuse its full-precision/RTN figures and finished variants (checked to match)")
     ap.add_argument("--choose", nargs="+", metavar="RUN_JSON",
                     help="no run: choose one variant across these --select-text runs (see the docstring)")
     a = ap.parse_args()
@@ -103,15 +105,20 @@ def main():
         return api.ppl(model, tok, a.select_text, max_windows=a.select_windows, desc=f"sel {desc}") \
             if a.select_text else None
 
-    out = {"fp": api.ppl(m, tok, EVAL, max_windows=a.windows, desc="fp"), "fp_select": select_ppl(m, "fp")}
-    rtn = api.clone(m)
-    api.fake_quantize(rtn, qcfg, "rtn", progress=False)
-    out["rtn"] = api.ppl(rtn, tok, EVAL, max_windows=a.windows, desc="rtn")
-    out["rtn_select"] = select_ppl(rtn, "rtn")
-    del rtn
-    res = []
+    prev = previous_run(a) if a.resume else None
+    if prev is not None:
+        out, res = {k: prev[k] for k in ("fp", "fp_select", "rtn", "rtn_select")}, prev["variants"]
+        print(f"resuming: {len(res)} variants done", flush=True)
+    else:
+        out = {"fp": api.ppl(m, tok, EVAL, max_windows=a.windows, desc="fp"), "fp_select": select_ppl(m, "fp")}
+        rtn = api.clone(m)
+        api.fake_quantize(rtn, qcfg, "rtn", progress=False)
+        out["rtn"] = api.ppl(rtn, tok, EVAL, max_windows=a.windows, desc="rtn")
+        out["rtn_select"] = select_ppl(rtn, "rtn")
+        del rtn
+        res = []
     for name, scfg in VARIANTS.items():
-        if a.only and name not in a.only:
+        if (a.only and name not in a.only) or any(r["variant"] == name for r in res):
             continue
         q = api.clone(m)
         t = time.time()
@@ -124,6 +131,28 @@ def main():
         del q
         write(a, out, res)  # after every variant: an interrupted run keeps what it finished
     print("\n".join(write(a, out, res)))
+
+
+def _stem(a) -> str:
+    return f"ablation-{a.model}-g{a.group_size}" + (f"-{a.tag}" if a.tag else "")
+
+
+SAME_RUN = ("model", "group_size", "rows", "windows", "select_text", "select_windows")
+
+
+def previous_run(a) -> dict | None:
+    """The saved run that --resume continues (None if there is none); its settings must be a's."""
+    f = RESULTS / f"{_stem(a)}.json"
+    if not f.exists():
+        return None
+    prev = json.loads(f.read_text())
+    diff = [k for k in SAME_RUN if prev.get(k) != getattr(a, k)]
+    if diff:
+        raise SystemExit(f"--resume: {f.name} was made with other settings ({', '.join(diff)})")
+    for r in prev["variants"]:
+        if r["config"] != VARIANTS[r["variant"]].__dict__:
+            raise SystemExit(f"--resume: {r['variant']!r} in {f.name} had another configuration")
+    return prev
 
 
 def _machine() -> dict:
@@ -149,7 +178,7 @@ def write(a, out, res) -> list[str]:
         md += ["", f"Lowest {sel} (selection) perplexity: {best['variant']} ({best['select_ppl']:.3f}); its "
                f"{EVAL} perplexity {best['ppl']:.3f}" + ("" if len(res) > 1 else " (one variant so far)") + "."]
     RESULTS.mkdir(exist_ok=True)
-    stem = f"ablation-{a.model}-g{a.group_size}" + (f"-{a.tag}" if a.tag else "")
+    stem = _stem(a)
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, **vars(a), **out, "variants": res},
                                                        indent=2))
