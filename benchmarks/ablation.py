@@ -149,8 +149,11 @@ def previous_run(a) -> dict | None:
     diff = [k for k in SAME_RUN if prev.get(k) != getattr(a, k)]
     if diff:
         raise SystemExit(f"--resume: {f.name} was made with other settings ({', '.join(diff)})")
+    def meaning(cfg: dict) -> dict:  # the damping means nothing to nearest rounding (its default may move)
+        return {k: v for k, v in cfg.items() if not (k == "gptq_damp" and cfg["rounding"] == "nearest")}
+
     for r in prev["variants"]:
-        if r["config"] != VARIANTS[r["variant"]].__dict__:
+        if meaning(r["config"]) != meaning(VARIANTS[r["variant"]].__dict__):
             raise SystemExit(f"--resume: {r['variant']!r} in {f.name} had another configuration")
     return prev
 

@@ -37,3 +37,20 @@ def test_choose_across_mean_relative_improvement():
 def test_default_variant_is_the_default_search():
     assert ablation.VARIANTS[ablation.DEFAULT] == ablation.SearchConfig()
     assert ablation.NOT_HELD_OUT >= {ablation.CALIB, ablation.EVAL}
+
+
+def test_resume_checks_the_settings(tmp_path, monkeypatch):
+    import argparse
+    import json
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    a = argparse.Namespace(model="m", group_size=64, rows=64, windows=64, select_text="mobydick", select_windows=32,
+                           tag="t")
+    assert ablation.previous_run(a) is None
+    near = dict(ablation.VARIANTS[ablation.DEFAULT].__dict__, gptq_damp=123.0)  # unused by nearest rounding
+    saved = {**vars(a), "fp": 1.0, "fp_select": 2.0, "rtn": 3.0, "rtn_select": 4.0,
+             "variants": [{"variant": ablation.DEFAULT, "config": near, "ppl": 2.0, "select_ppl": 3.0}]}
+    (tmp_path / "ablation-m-g64-t.json").write_text(json.dumps(saved))
+    assert ablation.previous_run(a)["variants"][0]["ppl"] == 2.0
+    a.select_windows = 64
+    with pytest.raises(SystemExit, match="select_windows"):
+        ablation.previous_run(a)
