@@ -46,12 +46,17 @@ GROUPS = {"smollm2": (32, 64), "gemma3-270m": (32, 64, 128)}  # the group sizes 
 TOOLS = {
     "rtn": (None, "salience_run.py", ["--method", "rtn"]),
     "salience": (None, "salience_run.py", ["--method", "awq"]),
+    # opt-in GPTQ rounding on the AWQ grid, damping SearchConfig.gptq_damp (chosen on a held-out text:
+    # benchmarks/results/ablation-choice-heldout.md)
+    "salience-gptq": (None, "salience_run.py", ["--method", "awq", "--rounding", "gptq"]),
     "llmc-awq": ("llmc", "llmc_run.py", ["--method", "awq"]),
     "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
     "hqq": ("hqq", "hqq_run.py", []),
 }
 CALIBRATION_FREE = ("rtn", "hqq")
-LABELS = {"rtn": "RTN", "salience": "salience AWQ", "llmc-awq": "llm-compressor AWQ",
+OURS = ("salience", "salience-gptq")  # the tools of the calibration-robustness study
+LABELS = {"rtn": "RTN", "salience": "salience AWQ", "salience-gptq": "salience AWQ + GPTQ rounding (opt-in)",
+          "llmc-awq": "llm-compressor AWQ",
           "llmc-gptq": "llm-compressor GPTQ", "hqq": "HQQ (no calibration)"}
 # Tools that were tried and cannot give a fair row on this machine: the table says why.
 NOT_RUN = {
@@ -165,8 +170,9 @@ def main():
     ap.add_argument("--settings", nargs="*", default=None, help="model:bits:group (default: all)")
     ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
     ap.add_argument("--calib", nargs="*", default=["lee"],
-                    help="calibration sources; the first is the table's, the others only run salience "
-                    "(the robustness study; evaluated on wiki-eval, disjoint from wiki-calib)")
+                    help="calibration sources; the first is the table's, the others only run the salience "
+                    "tools among --tools (the robustness study; evaluated on wiki-eval, disjoint from "
+                    "wiki-calib)")
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--windows", default="64", help="64 = quick mode, all = full mode")
     ap.add_argument("--peers", default=os.environ.get("SALIENCE_PEERS",
@@ -202,7 +208,7 @@ def run(a, store: Store):
             rec["ppl"][wtag] = ev.ppl(None)
             store.put(fkey, rec)
             print(fkey, rec, flush=True)
-        jobs = [(t, a.calib[0]) for t in a.tools] + [("salience", c) for c in a.calib[1:]]
+        jobs = [(t, a.calib[0]) for t in a.tools] + [(t, c) for t in a.tools if t in OURS for c in a.calib[1:]]
         for tool, calib in jobs:
             # the table's protocol is 128 rows; other row counts (time comparisons) get their own cells
             ctag = calib if a.rows == 128 else f"{calib}@{a.rows}"
@@ -254,8 +260,8 @@ def write_report(store: Store):
     for wtag in wtags:
         md += [f"## {'quick mode (64 windows)' if wtag == '64' else wtag + ' windows'}", "",
                "| model | setting | full precision | " + " | ".join(LABELS[t] for t in tools)
-               + " | RTN loss closed by salience |",
-               "|---|---|---:|" + "---:|" * len(tools) + "---:|"]
+               + "".join(f" | RTN loss closed by {LABELS[t]}" for t in OURS) + " |",
+               "|---|---|---:|" + "---:|" * (len(tools) + len(OURS))]
         for model, gss in GROUPS.items():
             fp = (cells.get(cell_key(model, 16, 0, "fp", "-")) or {}).get("ppl", {}).get(wtag)
             for bits in (4, 3):
@@ -273,10 +279,10 @@ def write_report(store: Store):
                         v = vals[t]
                         s = "-" if v is None else "failed" if v == "error" else f"{v:.3f} ({v - fp:+.3f})"
                         row.append(f"**{s}**" if t == best else s)
-                    closed = ""
-                    if isinstance(vals.get("rtn"), float) and isinstance(vals.get("salience"), float):
-                        closed = f"{100 * (vals['rtn'] - vals['salience']) / (vals['rtn'] - fp):.0f}%"
-                    md.append(f"| {model} | INT{bits} g{gs} | {fp:.3f} | " + " | ".join(row) + f" | {closed} |")
+                    closed = [f"{100 * (vals['rtn'] - vals[t]) / (vals['rtn'] - fp):.0f}%"
+                              if isinstance(vals.get("rtn"), float) and isinstance(vals.get(t), float) else "-"
+                              for t in OURS]
+                    md.append(f"| {model} | INT{bits} g{gs} | {fp:.3f} | " + " | ".join(row + closed) + " |")
         md.append("")
     md += ["## Quantization time and peak host memory", "",
            "Seconds of quantization as each tool measures it in its own process (model loading and writing "
@@ -310,24 +316,26 @@ def write_report(store: Store):
             ppl = c.get("ppl", {}).get("64")
             md.append(f"| {model} | {setting} | {LABELS[tool]} | {ctag.split('@')[1]} | {c['quantize_seconds']:.0f} s | "
                       f"{c['max_rss_mb']} MiB | {'-' if ppl is None else f'{ppl:.3f}'} |")
-    spread = [(k, c) for k, c in cells.items() if k.split("|")[2] == "salience" and "@" not in k.split("|")[3]]
+    spread = [(k, c) for k, c in cells.items() if k.split("|")[2] in OURS and "@" not in k.split("|")[3]]
     by_setting = {}
     for k, c in spread:
-        model, setting, _, calib = k.split("|")
+        model, setting, tool, calib = k.split("|")
         for wtag, v in c.get("ppl", {}).items():
-            by_setting.setdefault((model, setting, wtag), {})[calib] = (v, c.get("eval_source", "wiki"))
-    rows = [(ms, d) for ms, d in by_setting.items() if len(d) > 1]
+            by_setting.setdefault((model, setting, tool, wtag), {})[calib] = (v, c.get("eval_source", "wiki"))
+    rows = [(ms, d) for ms, d in sorted(by_setting.items(), key=lambda kv: (kv[0][0], kv[0][1], OURS.index(kv[0][2]),
+                                                                            kv[0][3])) if len(d) > 1]
     if rows:
-        md += ["", "## Calibration robustness (salience AWQ)", "",
+        md += ["", "## Calibration robustness (salience)", "",
                "Same model and setting calibrated on different text (128 x 512 tokens each), evaluated on "
                "wiki-eval (the wiki text minus its last 10 % of articles, which form wiki-calib; in quick "
                "mode its first 64 windows are the same as wiki's). Spread = (max - min) / min.", "",
-               "| model | setting | windows | " + " | ".join(["calibration: perplexity"]) + " | spread |",
-               "|---|---|---|---|---:|"]
-        for (model, setting, wtag), d in rows:
+               "| model | setting | tool | windows | calibration: perplexity | spread |",
+               "|---|---|---|---|---|---:|"]
+        for (model, setting, tool, wtag), d in rows:
             vals = [v for v, _ in d.values()]
             cal = ", ".join(f"{c}: {v:.3f}" for c, (v, _) in d.items())
-            md.append(f"| {model} | {setting} | {wtag} | {cal} | {100 * (max(vals) - min(vals)) / min(vals):.2f}% |")
+            md.append(f"| {model} | {setting} | {LABELS[tool]} | {wtag} | {cal} | "
+                      f"{100 * (max(vals) - min(vals)) / min(vals):.2f}% |")
     errors = [(k, c["error"]) for k, c in cells.items() if "error" in c]
     md += ["", "## Tools that did not give a row", ""]
     md += [f"- {name}: {why}." for name, why in NOT_RUN.items()]

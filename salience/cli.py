@@ -44,9 +44,11 @@ def _add_calib_args(p):
                    help="codes on the searched grid: round-to-nearest (default, the reference), or GPTQ's "
                    "column-by-column rounding with error feedback through the input Gram (keeps the block's "
                    "full Grams: Llama-2-7B +0.64 GiB, 70B +3.8 GiB)")
-    p.add_argument("--gptq-damp", type=float, default=3.0,
-                   help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default 3: a strong "
-                   "pull toward the weights; GPTQ's usual 0.01 overfits the calibration text)")
+    p.add_argument("--gptq-damp", type=float, default=None,
+                   help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default: "
+                   "SearchConfig.gptq_damp, the damping with the lowest perplexity on a held-out text, "
+                   "benchmarks/results/ablation-choice-heldout.md; GPTQ's usual 0.01 overfits the calibration "
+                   "text)")
 
 
 def _add_run_args(p):
@@ -90,7 +92,8 @@ def _search_config(a):
     return SearchConfig(n_grid=a.n_grid, alpha_one=a.alpha_one, formula=a.formula, clip_asym=a.clip_asym,
                         loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20,
                         refine=a.refine, propagate=a.propagate,
-                        rounding=a.rounding, gptq_damp=a.gptq_damp)
+                        rounding=a.rounding,
+                        **({} if a.gptq_damp is None else {"gptq_damp": a.gptq_damp}))  # else SearchConfig's
 
 
 def _default_out(model, bits, gs, method):

@@ -23,6 +23,11 @@ does not depend on them. GPTQ's usual damp = 0.01 fits the calibration text clos
 model, 64 x 512 calibration tokens of news, wiki evaluation) that lowered every linear's calibration error
 by 25-65% yet raised wiki perplexity above round-to-nearest's, and the perplexity fell steadily as the damping
 grew (benchmarks/results/ablation-smollm2-g64-gptq*.md). damp -> infinity is round-to-nearest.
+The pipeline's damping is SearchConfig.gptq_damp (its one default: the functions here take it as an argument,
+without a default of their own), chosen on a held-out text, neither the calibration text nor the reported
+evaluation: the damping with the best mean relative improvement over round-to-nearest of the perplexity on
+Moby Dick, across SmolLM2 g64 and Gemma-3-270M g128 (benchmarks/ablation.py --select-text mobydick,
+--choose; benchmarks/results/ablation-choice-heldout.md).
 
 Columns no calibration token reached (diag G = 0) get H_jj = 1 and no coupling: they are rounded to the
 nearest code and propagate nothing (their weights never touch the output).
@@ -35,7 +40,7 @@ import torch
 from .quant import QuantConfig
 
 
-def inverse_factor(g: torch.Tensor, damp: float = 0.01, dtype=torch.float64) -> torch.Tensor:
+def inverse_factor(g: torch.Tensor, damp: float, dtype=torch.float64) -> torch.Tensor:
     """U [K, K] upper triangular with U^T U = (G + lambda I)^-1, lambda = damp * mean(diag G) (dead columns:
     their diagonal set to 1 first). Factorised in `dtype` (fp64 by default: an fp32 Gram of strongly
     correlated activations can have a condition number near fp32's limits even damped), returned in fp32.
@@ -88,8 +93,9 @@ def round_with_factor(w: torch.Tensor, u: torch.Tensor, scales: torch.Tensor, ze
 
 
 def round_gptq(w: torch.Tensor, g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cfg: QuantConfig,
-               damp: float = 0.01, block: int = 128) -> torch.Tensor:
+               damp: float, block: int = 128) -> torch.Tensor:
     """Codes uint8 [N, K] of w [N, K] (the weight as quantized: AWQ scale folded in) on the fixed grid
     scales/zeros [N, G], minimising (q_hat - w) G (q_hat - w)^T per row; g [K, K] the Gram of the linear's
-    input (scaled the same way). Dequantize with salience.quant.dequantize(codes, scales, zeros, cfg)."""
+    input (scaled the same way); damp: the multiple of mean(diag G) added to G (no default here: the
+    pipeline's is SearchConfig.gptq_damp). Dequantize with salience.quant.dequantize(codes, scales, zeros, cfg)."""
     return round_with_factor(w, inverse_factor(g, damp), scales, zeros, cfg, block)

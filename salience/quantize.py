@@ -542,7 +542,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
         linears[name] = quantize_linear(w, qcfg, clip_min, clip_max, g=g_full,
-                                        damp=scfg.gptq_damp if g_full is not None else 0.01)
+                                        damp=scfg.gptq_damp if g_full is not None else None)
         del g_full
     ph.end("clip_quantize")
     if x_in is not None:  # the next block's input: this block's output with its quantized weights
@@ -557,14 +557,17 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
 def quantize_linear(w: torch.Tensor, qcfg: QuantConfig, clip_min=None, clip_max=None,
                     max_elems: int = 1 << 24, g: torch.Tensor | None = None,
-                    damp: float = 0.01) -> LinearResult:
+                    damp: float | None = None) -> LinearResult:
     """Integer codes and qparams of w [N, K] (ranges clip_min/max [N, G] if given; scales rounded to the
     fp16 the checkpoint stores), and w overwritten with its dequantized values. By chunks of rows of at most
     max_elems weights, so that the fp32 temporaries stay ~64 MiB (7B down_proj: 4096 x 11008 would take 0.17
     GiB each): every step is per row, so the chunking does not change a bit.
     g [K, K]: the Gram of w's input (AWQ scale folded in); the codes are then rounded by GPTQ on the same grid
     (salience.gptq; the scales and zeros are unchanged, the fp16-rounded scales are the grid it rounds to)
-    instead of to the nearest code. GPTQ too is per row: one factorisation of g serves every chunk."""
+    instead of to the nearest code, damped by `damp` (required with g; the pipeline passes
+    SearchConfig.gptq_damp, the one default). GPTQ too is per row: one factorisation of g serves every chunk."""
+    if g is not None and damp is None:
+        raise ValueError("quantize_linear: GPTQ rounding (g given) needs damp (SearchConfig.gptq_damp)")
     n, k = w.shape
     ng = qcfg.groups(k)
     u = gptq.inverse_factor(g, damp) if g is not None else None  # [K, K]

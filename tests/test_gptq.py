@@ -15,6 +15,11 @@ from salience.quantize import quantize_linear
 from tiny import tiny_model, tiny_tokenizer
 
 
+# GPTQ's usual damping: the exact small cases below test the rounding itself, at a weak pull toward the weights
+# (the pipeline's damping is SearchConfig.gptq_damp, its one default)
+DAMP = 0.01
+
+
 def _correlated_layer(seed=0, t=2048, k=256, n=48):
     """Inputs with correlated channels and a few outlier channels, and a weight; x [t, k], w [n, k]."""
     g = torch.Generator().manual_seed(seed)
@@ -39,7 +44,7 @@ def test_gptq_output_error_below_nearest(group_size):
     g = awq.gram(x)
     s, z = _grid(w, cfg, g)
     near = quantize(w, cfg, s, z)[0]
-    codes = gptq.round_gptq(w, g, s, z, cfg)
+    codes = gptq.round_gptq(w, g, s, z, cfg, DAMP)
     err_near = awq.gram_loss(dequantize(near, s, z, cfg) - w, g)
     err = awq.gram_loss(dequantize(codes, s, z, cfg) - w, g)
     assert err < 0.6 * err_near, (err, err_near)
@@ -52,7 +57,7 @@ def test_codes_in_range_and_on_the_given_grid():
     cfg = QuantConfig(3, 32)
     g = awq.gram(x)
     s, z = _grid(w, cfg, g)
-    codes = gptq.round_gptq(w, g, s, z, cfg, block=48)  # a block size that does not divide K
+    codes = gptq.round_gptq(w, g, s, z, cfg, DAMP, block=48)  # a block size that does not divide K
     assert codes.dtype == torch.uint8 and codes.shape == w.shape and int(codes.max()) <= cfg.qmax
     wq = dequantize(codes, s, z, cfg)
     # every value is (q - zero) * scale of its own group: dividing back gives integers in [-zero, qmax - zero]
@@ -68,9 +73,9 @@ def test_identity_gram_is_nearest_rounding():
     cfg = QuantConfig(4, 64)
     s, z = _grid(w, cfg)
     near = quantize(w, cfg, s, z)[0]
-    assert torch.equal(gptq.round_gptq(w, torch.eye(256) * 7.0, s, z, cfg), near)
+    assert torch.equal(gptq.round_gptq(w, torch.eye(256) * 7.0, s, z, cfg, DAMP), near)
     # a diagonal Gram couples nothing either, whatever its scale per channel
-    assert torch.equal(gptq.round_gptq(w, torch.diag(torch.rand(256) + 0.1), s, z, cfg), near)
+    assert torch.equal(gptq.round_gptq(w, torch.diag(torch.rand(256) + 0.1), s, z, cfg, DAMP), near)
 
 
 def test_dead_input_channels():
@@ -79,9 +84,9 @@ def test_dead_input_channels():
     cfg = QuantConfig(4, 32)
     g = awq.gram(x)
     s, z = _grid(w, cfg)
-    codes = gptq.round_gptq(w, g, s, z, cfg)
+    codes = gptq.round_gptq(w, g, s, z, cfg, DAMP)
     near = quantize(w, cfg, s, z)[0]
-    assert torch.isfinite(gptq.inverse_factor(g)).all()
+    assert torch.isfinite(gptq.inverse_factor(g, DAMP)).all()
     assert torch.equal(codes[:, 10:20], near[:, 10:20])  # nothing propagates into them ...
     err, err_near = (awq.gram_loss(dequantize(c, s, z, cfg) - w, g) for c in (codes, near))
     assert err < err_near
@@ -94,14 +99,28 @@ def test_quantize_linear_gptq_chunks_and_fp16_scales():
     cfg = QuantConfig(4, 32)
     g = awq.gram(x)
     w1, w2 = w.clone(), w.clone()
-    a = quantize_linear(w1, cfg, g=g)
-    b = quantize_linear(w2, cfg, g=g, max_elems=128 * 7)  # 7 rows a chunk
+    a = quantize_linear(w1, cfg, g=g, damp=DAMP)
+    b = quantize_linear(w2, cfg, g=g, damp=DAMP, max_elems=128 * 7)  # 7 rows a chunk
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(w1, w2)
     assert torch.equal(a.scales, a.scales.half().float())
     assert torch.equal(w1, dequantize(a.codes, a.scales, a.zeros, cfg))
     near = quantize_linear(w.clone(), cfg)
     assert torch.equal(near.scales, a.scales) and torch.equal(near.zeros, a.zeros)
     assert not torch.equal(near.codes, a.codes)
+
+
+def test_one_damping_default():
+    """The damping has one default, SearchConfig.gptq_damp: the rounding functions take it without one of
+    their own, the CLI passes it on unless --gptq-damp is given."""
+    x, w = _correlated_layer(5, k=64, n=8)
+    with pytest.raises(ValueError, match="damp"):
+        quantize_linear(w.clone(), QuantConfig(4, 32), g=awq.gram(x))
+    with pytest.raises(TypeError):
+        gptq.inverse_factor(awq.gram(x))  # no damping of its own
+    from salience.cli import _search_config, build_parser
+    base = ["quantize", "--rounding", "gptq"]
+    assert _search_config(build_parser().parse_args(base)).gptq_damp == awq.SearchConfig().gptq_damp
+    assert _search_config(build_parser().parse_args([*base, "--gptq-damp", "0.5"])).gptq_damp == 0.5
 
 
 def test_search_config_rounding_is_checked():
@@ -112,7 +131,7 @@ def test_search_config_rounding_is_checked():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
-def test_tiny_model_gptq_checkpoint_reloads(model_type, tmp_path):
+def test_tiny_model_gptq_checkpoint_reloads(model_type, tmp_path, monkeypatch):
     """rounding="gptq" through api.quantize (dense and MoE blocks): the checkpoint reloads to exactly the
     in-memory weights, and its codes differ from round-to-nearest's on the same grid."""
     dtype = getattr(torch, ARCHS[model_type].dtype)
@@ -122,11 +141,15 @@ def test_tiny_model_gptq_checkpoint_reloads(model_type, tmp_path):
                                  for i in range(40)))
     kw = dict(calib=str(calib), n_rows=8, seqlen=32, device="cpu", dtype=dtype, progress=False)
     fqs = {}
+    damps = []  # every damping the pipeline factors with: SearchConfig's
+    factor = gptq.inverse_factor
+    monkeypatch.setattr(gptq, "inverse_factor", lambda g, damp, **k: damps.append(damp) or factor(g, damp, **k))
     for r in ("nearest", "gptq"):
         out = tmp_path / r
         loaded = (tiny_model(model_type, dtype), tok)
         _, fqs[r], _ = api.quantize(None, out, QuantConfig(4, 32), "awq", loaded=loaded,
                                     scfg=awq.SearchConfig(rounding=r), **kw)
+    assert damps and set(damps) == {awq.SearchConfig().gptq_damp}
     assert json.loads((out / REPORT).read_text())["search"]["rounding"] == "gptq"
     qm, _ = load_quantized(out, dtype=dtype)
     fq = dict(fqs["gptq"].named_modules())
