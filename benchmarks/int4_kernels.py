@@ -53,6 +53,7 @@ GPU_MODELS = {  # name -> [(layer, K, N)]
                     ("lm_head", 8192, 32000)],
 }
 GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
+SWEEP_SHAPES = list(dict.fromkeys((k, n) for m in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m]))  # (K, N)
 CPU_SHAPES = [("q/o", 576, 576), ("k/v", 576, 192), ("qkv", 576, 960), ("gate_up", 576, 3072),
               ("down", 1536, 576), ("lm_head", 576, 49152)]
 CPU_MS = [1, 16, 128]
@@ -404,6 +405,15 @@ def save_sweep(out_dir, stem, rows):
     (out_dir / f"{stem}.json").write_text(json.dumps({"machine": machine_gpu(), "rows": rows}, indent=0))
 
 
+def sweep_shapes(deadline_s=None, t0=None):
+    """SWEEP_SHAPES (K, N), none started once deadline_s seconds have passed since t0 (each skip printed)."""
+    for k, n in SWEEP_SHAPES:
+        if deadline_s and time.time() - t0 > deadline_s:
+            print(f"deadline: skipping K={k} N={n}", flush=True)
+            continue
+        yield k, n
+
+
 def sweep_operands(k, n, l2):
     """One shape's operands for the sweeps, each with enough copies to defeat L2 (n_copies): the AWQ
     tensors, our packed weights (ps[0] the original), a bf16 dense weight and tinygemm's weights."""
@@ -434,15 +444,13 @@ def sweep_gemv(out_dir, ms=(1,)):
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = [(k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]]
-    shapes = list(dict.fromkeys(shapes))
     # (session 4: small BLOCK_N 16/32 without split-K, 8 warps and waves 1 never won on the H200; see
     # results/h200/sweep_gemv.log) step_sum: the accumulator summed over words every step (fewer registers)
     cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u, step_sum=ss)
             for bn, u, nw in ((128, 1, 4), (128, 2, 4), (64, 2, 4), (64, 4, 4), (128, 1, 8))
             for st in (2, 3, 4) for wv in (2, 4, 8) for ss in (True, False)]
     res = []
-    for k, n in shapes:
+    for k, n in sweep_shapes():
         awq, ps, ws, tgs = sweep_operands(k, n, l2)
         p0 = ps[0]
         for m in ms:
@@ -480,7 +488,6 @@ def sweep_split(out_dir, deadline_s=None):
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
     res, t0 = [], time.time()
     tiny_p = PackedInt4.from_awq(*random_awq(128, 128, GS, "cuda"), GS, device="cuda", dtype=torch.bfloat16)
     for m in (1, 16):
@@ -488,10 +495,7 @@ def sweep_split(out_dir, deadline_s=None):
         t, _ = gpu_time([lambda: int4_linear(x, tiny_p)], target_s=0.01)
         res.append({"k": 128, "n": 128, "m": m, "floor_us": t * 1e6})
         print(f"launch floor (K=N=128) M={m}: {t * 1e6:.2f} us", flush=True)
-    for k, n in shapes:
-        if deadline_s and time.time() - t0 > deadline_s:
-            print(f"deadline: skipping K={k} N={n}", flush=True)
-            continue
+    for k, n in sweep_shapes(deadline_s, t0):
         awq, ps, ws, tgs = sweep_operands(k, n, l2)
         p0 = ps[0]
         for m in (1, 4, 16, 64, 128):
@@ -501,9 +505,10 @@ def sweep_split(out_dir, deadline_s=None):
                         bf16_hot=gpu_time([lambda w=ws[0]: F.linear(x, w)], target_s=0.01)[0],
                         default=gpu_time([lambda p=p: int4_linear(x, p) for p in ps], target_s=0.01)[0],
                         default_hot=gpu_time([lambda p=p0: int4_linear(x, p)], target_s=0.01)[0])
-            res.append({"k": k, "n": n, "m": m, "baselines_us": {a: b * 1e6 for a, b in base.items()}})
-            msg = (f"K={k:5} N={n:6} M={m:3} | default {base['default'] * 1e6:6.1f} us (hot {base['default_hot'] * 1e6:6.1f})"
-                   f" | bf16 {base['bf16'] * 1e6:6.1f} (hot {base['bf16_hot'] * 1e6:6.1f}) | tiny {base['tiny'] * 1e6:6.1f}")
+            us = {a: b * 1e6 for a, b in base.items()}
+            res.append({"k": k, "n": n, "m": m, "baselines_us": us})
+            msg = (f"K={k:5} N={n:6} M={m:3} | default {us['default']:6.1f} us (hot {us['default_hot']:6.1f})"
+                   f" | bf16 {us['bf16']:6.1f} (hot {us['bf16_hot']:6.1f}) | tiny {us['tiny']:6.1f}")
             if m == 1:
                 print(msg, flush=True)
                 continue
@@ -586,16 +591,12 @@ def sweep_layout(out_dir, deadline_s=None):
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = list(dict.fromkeys((k, n) for m_ in ("Llama-2-7B", "Llama-3-8B") for _, k, n in GPU_MODELS[m_]))
     gemv_cfgs = [dict(block_n=bn, wide=u, waves=wv, stages=st, num_warps=4)
                  for bn in (128, 64) for u in (1, 2) for wv in (1, 2, 4) for st in (2, 3, 4)]
     gemm_cfgs = [dict(block_n=bn, num_stages=ns, split=sp)
                  for bn in (128, 64) for ns in (3, 4) for sp in (None, 1)]
     res, t0 = [], time.time()
-    for k, n in shapes:
-        if deadline_s and time.time() - t0 > deadline_s:
-            print(f"deadline: skipping K={k} N={n}", flush=True)
-            continue
+    for k, n in sweep_shapes(deadline_s, t0):
         awq, ps, ws, tgs = sweep_operands(k, n, l2)
         p0 = ps[0]
         lay = {"tiled": ps, "rowmajor": [row_major(p) for p in ps]}
