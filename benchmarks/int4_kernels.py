@@ -538,9 +538,10 @@ def sweep_split(out_dir, deadline_s=None):
 
 
 def floor_m1(out_dir):
-    """Why a 128 x 128 GEMV takes 6.5 us at M = 1 when the GEMM takes 2.8 at M = 16 (sweep_split): an empty
-    Triton kernel, the GEMV's variants (stages, step sum) and the GEMM run at M = 1 (BLOCK_N, split), on
-    a tiny matrix and the narrow 7B/8B shapes. Writes kernels_floor_m1.json."""
+    """The fixed cost of the M = 1 GEMV: an empty Triton kernel, the GEMV's variants (stages, step sum) and
+    the GEMM run at M = 1 (BLOCK_N, split), on a tiny matrix and the narrow 7B/8B shapes. (Written after
+    sweep_split printed 6.5 us for a 128 x 128 GEMV; that was the first timing of its process, not the
+    kernel: 2.3 us here, results/h200/s5/run4/.) Writes kernels_floor_m1.json."""
     import triton
     import triton.language as tl
 
