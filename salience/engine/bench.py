@@ -6,6 +6,10 @@ on its values), batch 1/4/16, prompt 128/2048, for
     hf-static    transformers FP16, cache_implementation="static" (transformers compiles the decode step)
     engine-fp16  our decoder, FP16 weights, static KV cache, CUDA-graph decode
     engine-w4    our decoder, AWQ 4-bit g128 weights (Triton kernels), same
+  ablations of engine-w4 (only when named in --backends):
+    engine-w4-unfused   norms, activation and residual adds as separate (compiled) kernels, not in the GEMVs
+    engine-w4-pdl       the GEMVs launched with programmatic dependent launch (triton_int4.PDL)
+    engine-w4-pdl-pf2   the same, each GEMV program asking L2 for its first 2 units before it waits
 Most important cases first (the issue's targets); a time budget skips the tail (marked as skipped).
 CPU (--cpu): the real SmolLM2-135M: transformers fp32, engine fp32 / bf16 / W4 (bf16 activations).
 
@@ -17,6 +21,7 @@ benchmarks/results/decode[_cpu].md and .json naming the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -30,6 +35,9 @@ from ..machine import cpu_name
 from .generate import Runner, SamplingParams, steps
 
 GPU_BACKENDS = ["engine-w4", "engine-fp16", "hf-eager", "hf-static"]  # run order: compiles last
+# engine-w4 variants (the same 4-bit model): Transformer.fuse_linears, triton_int4.PDL / PDL_PREFETCH
+W4_VARIANTS = {"engine-w4": {}, "engine-w4-unfused": {"fuse": False}, "engine-w4-pdl": {"pdl": 0},
+               "engine-w4-pdl-pf2": {"pdl": 2}}
 
 
 def _sync(dev):
@@ -142,6 +150,21 @@ def gpu_cases(shapes, batches, prompt_lens, backends):
     return cases
 
 
+@contextlib.contextmanager
+def _w4_variant(model, v: dict):
+    """Run an engine-w4 ablation (W4_VARIANTS), then restore the defaults."""
+    from ..kernels import triton_int4 as T
+
+    saved = model.fuse_linears, T.PDL, T.PDL_PREFETCH
+    model.fuse_linears = v.get("fuse", saved[0])
+    if "pdl" in v:
+        T.PDL, T.PDL_PREFETCH = True, v["pdl"]
+    try:
+        yield
+    finally:
+        model.fuse_linears, T.PDL, T.PDL_PREFETCH = saved
+
+
 def run_gpu(a) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -168,7 +191,7 @@ def run_gpu(a) -> list[dict]:
         if be == "hf-static" and (b, prompt) not in a.hf_static_cases:
             row["skipped"] = "not in --hf-static (each case compiles for a minute)"
             continue
-        key = (shape, "hf" if be.startswith("hf") else be)
+        key = (shape, "hf" if be.startswith("hf") else "engine-w4" if be in W4_VARIANTS else be)
         t0 = time.time()
         try:
             if loaded[0] != key:
@@ -180,7 +203,7 @@ def run_gpu(a) -> list[dict]:
                         m = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.float16).eval()
                     m.generation_config.eos_token_id = None
                 else:
-                    m = random_model(shape, 128 if be == "engine-w4" else None, dev, torch.float16)
+                    m = random_model(shape, 128 if be in W4_VARIANTS else None, dev, torch.float16)
                 loaded = (key, m)
             m = loaded[1]
             vocab = m.config.vocab_size if be.startswith("hf") else m.c.vocab
@@ -192,12 +215,13 @@ def run_gpu(a) -> list[dict]:
                     _peak_reset(dev)
                     row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
             else:
-                runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile,
-                                prefix_reuse=False)
-                time_engine(runner, prompts, new, dev)  # warm-up: Triton, torch.compile, graph capture
-                _peak_reset(dev)
-                row.update(time_engine(runner, prompts, new, dev))
-                runner.model.setup_cache(0, 0)  # free the KV cache
+                with _w4_variant(m, W4_VARIANTS.get(be, {})):
+                    runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile,
+                                    prefix_reuse=False)
+                    time_engine(runner, prompts, new, dev)  # warm-up: Triton, torch.compile, graph capture
+                    _peak_reset(dev)
+                    row.update(time_engine(runner, prompts, new, dev))
+                    runner.model.setup_cache(0, 0)  # free the KV cache
             row["peak_gib"] = _peak_gib(dev)
         except torch.cuda.OutOfMemoryError as e:
             row["error"] = f"out of memory: {str(e).splitlines()[0]}"
@@ -302,7 +326,7 @@ def parse(argv):
     p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"])
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--prompt", nargs="+", type=int, default=None)
-    p.add_argument("--backends", nargs="+", default=GPU_BACKENDS, choices=GPU_BACKENDS)
+    p.add_argument("--backends", nargs="+", default=GPU_BACKENDS, choices=GPU_BACKENDS + list(W4_VARIANTS)[1:])
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--hf-eager-tokens", type=int, default=32, help="new tokens for hf-eager (it is slow)")
     p.add_argument("--hf-static", nargs="+", default=["1x128", "16x128"],

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import PackedInt4, int4_linear
+from ..kernels import PackedInt4, fuses, int4_linear
 from ..kernels.attention import decode_attention
+from ..kernels.reference import act_mul, rms_norm
 
 # model_type -> quirks that config.json does not spell out. Everything else (sizes, heads, head_dim,
 # eps, rope, sliding windows, biases: read from which tensors the checkpoint has) comes from the config.
@@ -48,7 +49,6 @@ FAMILIES = {
     "gemma3_text": dict(qk_norm=True, norm_offset=1.0, sandwich=True, embed_scale=True,
                         act="gelu_tanh"),  # norms x * (1 + w); embeddings * sqrt(dim); local/global rope
 }
-ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class Unsupported(ValueError):
@@ -183,8 +183,13 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = p.k, p.n
         self.register_buffer("bias", bias)
 
-    def forward(self, x):
-        return int4_linear(x, self.p, self.bias)
+    def forward(self, x, **neighbours):
+        """neighbours: int4_linear's norm=, act=, residual= (Block.forward passes them where fused)."""
+        return int4_linear(x, self.p, self.bias, **neighbours)
+
+    def fuses(self, x) -> bool:
+        """Does the kernel for x take the norm/act/residual neighbours itself (kernels.fuses)?"""
+        return fuses(self.p, x.numel() // x.shape[-1], x.dtype)
 
     def extra_repr(self):
         return f"in={self.p.k}, out={self.p.n}, group_size={self.p.group_size}, layout={self.p.layout}"
@@ -194,13 +199,7 @@ class Int4Linear(nn.Module):
 # decode on GPU they are compiled (torch.compile, one fused kernel each), since at batch 1 a 7B model's
 # step is ~1300 tiny kernels otherwise, and even replayed from a CUDA graph each costs ~2 us.
 
-def norm(x, w, eps: float, offset: float):
-    """RMSNorm. Llama: w * norm(x).to(dtype); Gemma (offset 1): (norm(x) * (1 + w)) in fp32, then dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if offset:
-        return (xf * (offset + w.float())).to(x.dtype)
-    return w * xf.to(x.dtype)
+norm = rms_norm  # RMSNorm (kernels/reference.py: the same math the fused M = 1 kernels use)
 
 
 def residual(x, h, post_w, eps: float, offset: float):
@@ -252,12 +251,6 @@ def qkv_rope_write(qkv, cos, sin, qw, kw, n_heads: int, n_kv: int, hd: int, eps:
     return q, k, v
 
 
-def act_mul(y, act: str):
-    """y [.., 2 F] (gate rows, then up rows) -> act(gate) * up [.., F]."""
-    gate, up = y.chunk(2, dim=-1)
-    return ACTS[act](gate) * up
-
-
 class Ops:
     """The functions above, as called (eager) or compiled into one kernel each (decode on GPU)."""
 
@@ -302,8 +295,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
         self.k_cache = self.v_cache = None
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None):
-        """x [B, T, dim] (normed); input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
+    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None, norm=None,
+                residual=None):
+        """x [B, T, dim] (normed, or with norm=(w, eps, offset) the residual stream that wqkv's kernel
+        norms, and then residual=x: returns x + the attention output, added by wo's kernel); input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
         [B, 1, g*T, S] bool (g = query heads per kv head, rows (head-in-group, token)), None (causal from
         slot 0: flash path on the fresh k, v) or a Span (decode, T = 1: the Triton decode-attention
         kernel over each row's live slots); kv_len: slots to attend to (prefill) or None (the whole
@@ -311,7 +306,8 @@ class Attention(nn.Module):
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
-        args = (self.wqkv(x), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
+        qkv = self.wqkv(x) if norm is None else self.wqkv(x, norm=norm)
+        args = (qkv, cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
         if rows is None:  # rows 0..B-1, at slots input_pos [T] or [B, T]
             q, k, v = ops.qkv_rope_write(*args, self.k_cache, self.v_cache, input_pos)
             rows = slice(0, b)
@@ -324,7 +320,7 @@ class Attention(nn.Module):
         if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
             y = decode_attention(q[:, :, 0], self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], mask.lo,
                                  mask.hi, c.attn_scale or c.head_dim ** -0.5)
-            return self.wo(y[:, None])
+            return self._out(y[:, None], residual)
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -336,7 +332,10 @@ class Attention(nn.Module):
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
             y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
             y = y.reshape(b, c.n_heads, t, c.head_dim)  # SDPA may return a non-contiguous layout (CUDA)
-        return self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        return self._out(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim), residual)
+
+    def _out(self, y, residual):
+        return self.wo(y) if residual is None else self.wo(y, residual=residual)
 
 
 class Block(nn.Module):
@@ -352,13 +351,30 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
             self.post_mlp_norm = RMSNorm(c.dim, c.eps, c.norm_offset)
 
-    def forward(self, x, pending, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None):
+    def fused(self, x) -> bool:
+        """Can this block run with its norms, activation and residual adds inside the 4-bit kernels (the
+        CUDA GEMV at one token; kernels.fuses)? Not with gemma3's sandwich norms (a norm after a linear)."""
+        lin = (self.attn.wqkv, self.attn.wo, self.w13, self.w2)
+        return not self.c.sandwich and all(isinstance(m, Int4Linear) and m.fuses(x) for m in lin)
+
+    def forward(self, x, pending, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None, fuse=False):
         """x [B, T, dim] the residual stream, pending the previous block's MLP output still to be added to it
         (h, post_w), or None. -> (x, pending) of this block: its own residual add is left to whoever norms
         next (the next block's attn_norm, or the final norm), so that the add and the norm are one kernel
-        (at batch 1 a 7B decode step has 32 fewer launches)."""
+        (at batch 1 a 7B decode step has 32 fewer launches).
+
+        fuse (one token, self.fused(x)): the 4-bit kernels do the norms, the activation and the residual
+        adds themselves (int4_linear's norm=, act=, residual=): per block 4 linears and the attention, no
+        elementwise kernel besides RoPE. Returns (x, None)."""
         c = self.c
         eps, off = c.eps, c.norm_offset
+        if fuse:
+            if pending is not None:
+                x = residual(x, *pending, eps, off)
+            x = self.attn(x, cos, sin, input_pos, mask, kv_len, ops, rows, norm=(self.attn_norm.weight, eps, off),
+                          residual=x)
+            gate_up = self.w13(x, norm=(self.mlp_norm.weight, eps, off))
+            return self.w2(gate_up, act=c.act, residual=x), None
         pa, pm = (self.post_attn_norm.weight, self.post_mlp_norm.weight) if c.sandwich else (None, None)
         if pending is None:
             xn = ops.norm(x, self.attn_norm.weight, eps, off)
@@ -385,6 +401,9 @@ class Transformer(nn.Module):
     @property
     def device(self):
         return self.embed.weight.device
+
+    # fuse the norms, activation and residual adds into the 4-bit kernels where they can (Block.forward)
+    fuse_linears: bool = False  # off: the in-loop fused input measured slower (results/h200/s6/run1)
 
     # None: decode attention through the Triton kernel (kernels/attention.py) on CUDA in fp16/bf16 with a
     # power-of-two head_dim, SDPA otherwise; True/False force it (tests run it in Triton's interpreter)
@@ -473,17 +492,26 @@ class Transformer(nn.Module):
             g = c.n_heads // c.n_kv  # GQA: rows for the g query heads of a kv head (see Attention)
             masks[w] = m[:, None].repeat(1, 1, g, 1) if g > 1 else m[:, None]  # [B, 1, g*T, S]
         pending = None
+        fuse = self.fuse_linears and b * t == 1 and self.layers[0].fused(x)
         for layer, key in zip(self.layers, c.rope_keys):
-            x, pending = layer(x, pending, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops, rows)
-        h, post_w = pending
+            x, pending = layer(x, pending, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops, rows, fuse)
 
         def pick(t):  # [B, T, dim] -> the positions whose logits are wanted
             if isinstance(last, torch.Tensor):
                 return t.gather(1, last[:, None, None].expand(b, 1, t.shape[-1]))  # [B, 1, dim]
             return t[:, -1:] if last else t
 
-        _, xn = ops.residual_norm(pick(x), pick(h), post_w, self.norm.weight, c.eps, c.norm_offset)
-        logits = self.output(xn)
+        if pending is None:  # fused blocks: x holds every residual add already
+            x = pick(x)
+            nrm = (self.norm.weight, c.eps, c.norm_offset)
+            if isinstance(self.output, Int4Linear) and self.output.fuses(x):
+                logits = self.output(x, norm=nrm)
+            else:
+                logits = self.output(ops.norm(x, *nrm))
+        else:
+            h, post_w = pending
+            _, xn = ops.residual_norm(pick(x), pick(h), post_w, self.norm.weight, c.eps, c.norm_offset)
+            logits = self.output(xn)
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import layout
+from . import layout, reference
 
 LOCKS = 4096  # split-K arrival counters per PackedInt4 on CUDA (one per output tile)
 
@@ -70,15 +70,42 @@ class PackedInt4:
         return self.qweight.device
 
 
-def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W.T (+ bias) -> [..., N] in x.dtype, W the 4-bit weight held by p."""
-    if x.shape[-1] != p.k:
-        raise ValueError(f"x has {x.shape[-1]} features, the linear takes {p.k}")
+def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None, *, norm=None,
+                act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) -> [..., N] in x.dtype, W the 4-bit weight held by p.
+
+    The elementwise neighbours of a transformer's linears, as reference.py defines them (at most one of
+    norm and act):
+      norm=(w, eps, offset): the input is rms_norm(x, w, eps, offset);
+      act="silu" | "gelu_tanh": x is [..., 2K] (gate, then up) and the input is act(gate) * up;
+      residual [..., N]: returns residual + y, in x's dtype.
+    fuses(p, m, dtype) says whether the kernel does them itself (the CUDA GEMV, at one token: no extra
+    launches); otherwise they are composed from torch ops here, the same numbers up to rounding."""
+    if norm is not None and act is not None:
+        raise ValueError("norm= and act= cannot both apply to one linear's input")
+    k_in = 2 * p.k if act else p.k
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the linear takes {k_in}"
+                         + (f" ([gate | up] of {p.k} each, act={act!r})" if act else ""))
+    if act is not None and act not in reference.ACTS:
+        raise ValueError(f"act must be one of {sorted(reference.ACTS)}, got {act!r}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, p.k)
-    if x2.stride(-1) != 1 or x2.stride(0) != p.k:
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1 or x2.stride(0) != k_in:
         x2 = x2.contiguous()
-    if x2.shape[0] == 0:
+    m = x2.shape[0]
+    if residual is not None and residual.shape[:-1].numel() * residual.shape[-1] != m * p.n:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, the output is {(*lead, p.n)}")
+    if m and fuses(p, m, x2.dtype):
+        from . import triton_int4
+
+        y = triton_int4.gemv(x2, p, bias, norm=norm, act=act, residual=residual)
+        return y.reshape(*lead, p.n)
+    if norm is not None:
+        x2 = reference.rms_norm(x2, *norm)
+    if act is not None:
+        x2 = reference.act_mul(x2, act)
+    if m == 0:
         y = x2.new_zeros(0, p.n)
     elif p.layout == "triton":
         from . import triton_int4
@@ -86,7 +113,19 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         y = triton_int4.linear(x2, p, bias)
     else:
         y = _cpu_linear(x2, p, bias)
-    return y.reshape(*lead, p.n)
+    y = y.reshape(*lead, p.n)
+    return y if residual is None else residual + y
+
+
+def fuses(p: PackedInt4, m: int, dtype: torch.dtype) -> bool:
+    """Whether int4_linear runs norm=, act= and residual= inside its kernel for m tokens of this dtype
+    (the CUDA GEMV at m = 1). Where it does not they cost separate torch ops, so a caller that compiles
+    its own elementwise kernels (the engine) passes them only where this is True."""
+    if p.layout != "triton":
+        return False
+    from . import triton_int4
+
+    return triton_int4.fuses(m, dtype)
 
 
 def _cpu_linear(x2, p, bias):

@@ -10,6 +10,9 @@ layout): qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N], G = 
 
 These few lines repeat salience.packing.dequantize_packed so that kernels/ imports only torch (and
 triton); tests/test_kernels.py checks that the two agree bit for bit.
+
+The elementwise neighbours that int4_linear can fuse into the M = 1 kernels (norm=, act=, residual=) are
+defined here too, as plain torch: rms_norm, act_mul, and the residual add `r + y` (in x's dtype).
 """
 
 from __future__ import annotations
@@ -45,6 +48,25 @@ def dequantize_awq(qweight, qzeros, scales, group_size: int, dtype=torch.float16
     zeros = unpack_awq(qzeros).float().repeat_interleave(gs, dim=0)  # [K, N]
     w = (codes - zeros) * scales.float().repeat_interleave(gs, dim=0)  # [K, N], fp32
     return w.t().to(dtype)
+
+
+def rms_norm(x, w, eps: float, offset: float = 0.0):
+    """RMSNorm over the last dim. offset 0 (Llama): w * (x / rms(x)).to(dtype); offset 1 (Gemma, weight
+    stored as w, applied as 1 + w): (x / rms(x) * (1 + w)) in fp32, then dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + w.float())).to(x.dtype)
+    return w * xf.to(x.dtype)
+
+
+ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def act_mul(y, act: str):
+    """y [.., 2F] (gate, then up) -> act(gate) * up [.., F] (a gated MLP's input to its down projection)."""
+    gate, up = y.chunk(2, dim=-1)
+    return ACTS[act](gate) * up
 
 
 def int4_linear_ref(x, qweight, qzeros, scales, group_size: int, bias=None) -> torch.Tensor:
