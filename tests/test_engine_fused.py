@@ -1,5 +1,5 @@
-"""The engine's fused one-token decode (norms, activation and residual adds inside the 4-bit GEMV, see
-Block.forward) equals its unfused decode on 4-bit models in the Triton layout.
+"""The engine's fused one-token decode (norms, activation and residual adds inside the 4-bit GEMVs, see
+Block.fused_forward) equals its unfused decode on 4-bit models in the Triton layout.
 
 Without CUDA the cases run in a child process under Triton's interpreter (TRITON_INTERPRET=1 must be set
 before triton is imported; see test_kernels_triton.py)."""
@@ -73,7 +73,7 @@ def _decode_logits(model, steps: int = 6):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_decode_equals_unfused(w4_triton, name, dtype, monkeypatch):
     """Batch-1 decode logits with the fused kernels are within the dtype's rounding of the unfused ops,
-    and the fused path did run (the GEMV received the norms, the activation and the residuals)."""
+    and the fused path did run (the GEMVs received the norms' RMS rows, the GLU, residuals and emits)."""
     from salience.kernels import triton_int4 as T
 
     model = w4_triton(name, dtype)
@@ -83,7 +83,7 @@ def test_fused_decode_equals_unfused(w4_triton, name, dtype, monkeypatch):
     gemv = T.gemv
 
     def spy(*a, **kw):
-        seen.append(tuple(k for k in ("norm", "act", "residual") if kw.get(k) is not None))
+        seen.append(tuple(k for k in ("rms", "glu", "residual", "emit") if kw.get(k) is not None))
         return gemv(*a, **kw)
 
     monkeypatch.setattr(T, "gemv", spy)
@@ -93,8 +93,8 @@ def test_fused_decode_equals_unfused(w4_triton, name, dtype, monkeypatch):
         seen.clear()
         out[fuse] = _decode_logits(model)
         kinds = set(seen)
-        if fuse:  # per block: wqkv (norm), wo (residual), w13 (norm), w2 (act, residual)
-            assert {("norm",), ("residual",), ("act", "residual")} <= kinds
+        if fuse:  # per block: wqkv (rms), wo (residual, emit), w13 (rms, glu), w2 (residual, emit; last: residual)
+            assert kinds == {("rms",), ("residual", "emit"), ("rms", "glu"), ("residual",)}
         else:
             assert kinds == {()}
     err = (out[True] - out[False]).abs().max().item()
@@ -103,7 +103,8 @@ def test_fused_decode_equals_unfused(w4_triton, name, dtype, monkeypatch):
 
 @pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter child (or on CUDA)")
 def test_sandwich_norms_are_not_fused(w4_triton):
-    """gemma3 norms a linear's output before the residual add: its blocks keep the unfused ops."""
+    """gemma3 norms a linear's output before the residual add (and applies norm weights as 1 + w): its
+    blocks keep the unfused ops."""
     model = w4_triton("gemma3_text", torch.bfloat16)
     x = torch.zeros(1, 1, model.c.dim, device=DEV, dtype=torch.bfloat16)
     assert not any(layer.fused(x) for layer in model.layers)

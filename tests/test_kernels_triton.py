@@ -230,64 +230,73 @@ def test_fp32_activations_go_through_dequantize():
 
 
 FUSED_CASES = pick(
-    [  # n, k, gs, dtype, wide kernel?  (wide: groups of 128+ and K % 128 == 0)
-        (136, 1024, 128, F16), (72, 256, 32, BF16), (200, 576, 64, F16)],
-    [(4104, 4096, 128, BF16), (4104, 4096, 128, F16), (200, 4096, 32, BF16), (1000, 2880, 64, F16),
-     (72, 11008, 128, BF16), (136, 1024, 128, F16), (72, 256, 32, BF16)])
+    [(256, 1024, 128, F16), (128, 256, 32, BF16), (384, 576, 64, F16)],  # n, k, gs, dtype (N even: glu)
+    [(8192, 4096, 128, BF16), (4096, 4096, 128, F16), (256, 4096, 32, BF16), (1024, 2880, 64, F16),
+     (384, 11008, 128, BF16), (256, 1024, 128, F16), (128, 256, 32, BF16)])
+
+
+def _composed(x, awq, gs, rms=None, glu=None, residual=None, emit=None, bias=None):
+    """int4_linear's neighbours from the spec and plain torch (float64 matmul), rounded where the torch
+    composition rounds."""
+    from salience.kernels import reference
+
+    dt = x.dtype
+    x = x.cpu()
+    if rms is not None:
+        q = rms[0].cpu().float()
+        x = (x.float() * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + rms[1])).to(dt)
+    y = spec64(x, awq, gs, None if bias is None else bias.cpu()).to(dt)
+    if glu is not None:
+        y = reference.act_mul(y, glu)
+    if residual is not None:
+        y = residual.cpu() + y
+    return (y, y * emit.cpu()) if emit is not None else y
 
 
 @pytest.mark.parametrize("n,k,gs,dtype", FUSED_CASES)
-@pytest.mark.parametrize("kind", ["norm", "norm_offset", "silu", "gelu_tanh"])
-@pytest.mark.parametrize("with_res", [True, False])
-def test_gemv_fused_neighbours(n, k, gs, dtype, kind, with_res):
-    """The GEMV's fused input (RMSNorm with either rounding, or act(gate) * up) and residual add give the
-    composed reference's numbers: reference.rms_norm / act_mul, the spec linear, then r + y in dtype."""
-    from salience.kernels import reference
-
+@pytest.mark.parametrize("rms,glu,res,emit", [(True, None, False, False), (False, "silu", True, True),
+                                              (True, "gelu_tanh", False, False), (False, None, True, True),
+                                              (True, "silu", True, False)])
+def test_gemv_fused_neighbours(n, k, gs, dtype, rms, glu, res, emit):
+    """The GEMV's fused neighbours (the RMS scale of a given row, act(gate) * up over interleaved
+    gate/up tiles, the residual add, the emitted y * w) give the composed torch ops' numbers."""
     p, awq = packed(n, k, gs)
+    n_out = n // 2 if glu else n
     g = torch.Generator().manual_seed(n + k)
-    r = torch.randn(1, n, generator=g).to(dtype).to(DEV) if with_res else None
-    if kind.startswith("norm"):
-        w = (1 + 0.2 * torch.randn(k, generator=g)).to(dtype).to(DEV)
-        x = (3 * torch.randn(1, k, generator=g)).to(dtype).to(DEV)
-        norm = (w, 1e-6, 1.0 if kind == "norm_offset" else 0.0)
-        y = int4_linear(x, p, norm=norm, residual=r)
-        xin = reference.rms_norm(x.cpu(), w.cpu(), *norm[1:])
-    else:
-        x = torch.randn(1, 2 * k, generator=g).to(dtype).to(DEV)
-        y = int4_linear(x, p, act=kind, residual=r)
-        xin = reference.act_mul(x.cpu().float(), kind).to(dtype)
-    ref = spec64(xin, awq, gs, None)
-    if r is not None:  # residual + y, y rounded to dtype first
-        ref = r.cpu().double() + ref.to(dtype).double()
-    assert y.shape == (1, n) and y.dtype == dtype and torch.isfinite(y).all()
-    assert rel_err(y.cpu(), ref) < TOL[dtype]
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEV)
+    kw = dict(rms=((4 * torch.randn(1, k, generator=g)).to(dtype).to(DEV), 1e-6) if rms else None, glu=glu,
+              residual=torch.randn(1, n_out, generator=g).to(dtype).to(DEV) if res else None,
+              emit=(1 + torch.rand(n_out, generator=g)).to(dtype).to(DEV) if emit else None)
+    y = int4_linear(x, p, **kw)
+    want = _composed(x, awq, gs, **kw)
+    for got, ref in zip(*((y, want) if emit else ((y,), (want,)))):
+        assert got.shape == (1, n_out) and got.dtype == dtype and torch.isfinite(got).all()
+        assert rel_err(got.cpu(), ref.double()) < 2 * TOL[dtype]
     assert not p.locks.any()
 
 
 def test_int4_linear_neighbours_composed_above_one_token():
-    """Where the kernel does not fuse them (M > 1: the GEMM) norm=, act= and residual= are composed from
-    torch ops: the same result as doing so by hand."""
+    """Where the kernel does not fuse them (M > 1: the GEMM) rms=, glu=, residual= and emit= are composed
+    from torch ops, in the documented order; bad arguments are refused."""
     from salience.kernels import fuses, reference
 
-    p, awq = packed(136, 1024, 128)
+    p, awq = packed(256, 1024, 128)
     assert fuses(p, 1, BF16) and not fuses(p, 3, BF16) and not fuses(p, 1, torch.float32)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2048, generator=g).to(BF16).to(DEV)
-    r = torch.randn(3, 136, generator=g).to(BF16).to(DEV)
-    w = torch.rand(1024, generator=g).to(BF16).to(DEV)
-    y = int4_linear(x, p, act="silu", residual=r)
-    assert torch.equal(y, r + int4_linear(reference.act_mul(x, "silu"), p))
-    y = int4_linear(x[:, :1024], p, norm=(w, 1e-5, 0.0))
-    assert torch.equal(y, int4_linear(reference.rms_norm(x[:, :1024], w, 1e-5, 0.0), p))
-    with pytest.raises(ValueError, match="cannot both"):
-        int4_linear(x, p, act="silu", norm=(w, 1e-5, 0.0))
-    with pytest.raises(ValueError, match="gate"):
-        int4_linear(x[:, :1024], p, act="silu")
-    with pytest.raises(ValueError, match="act must be"):
-        int4_linear(x, p, act="relu")
+    x = torch.randn(3, 1024, generator=g).to(BF16).to(DEV)
+    q = torch.randn(3, 1024, generator=g).to(BF16).to(DEV)
+    r = torch.randn(3, 128, generator=g).to(BF16).to(DEV)
+    w = torch.rand(128, generator=g).to(BF16).to(DEV)
+    y, yw = int4_linear(x, p, rms=(q, 1e-5), glu="silu", residual=r, emit=w)
+    xs = (x.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(BF16)
+    want = r + reference.act_mul(int4_linear(xs, p), "silu")
+    assert torch.equal(y, want) and torch.equal(yw, want * w)
+    with pytest.raises(ValueError, match="glu must be"):
+        int4_linear(x, p, glu="relu")
+    with pytest.raises(ValueError, match="features"):
+        int4_linear(x[:, :512], p)
     with pytest.raises(ValueError, match="residual"):
-        int4_linear(x[:1, :1024], p, residual=r)
+        T.gemv(x[:1], p, residual=r)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -308,43 +317,6 @@ def test_cuda_graph_replay():
             g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager) and not p.locks.any()
-
-
-@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a GPU (sm_90+)")
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_pdl_changes_no_number(prefetch, monkeypatch):
-    """GEMVs launched with programmatic dependent launch (each may start before the kernel ahead of it
-    ends, and waits for it before reading x), chained through a norm, an act and residual adds and
-    replayed from a CUDA graph, give the very numbers of ordinary launches."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("PDL needs sm_90+")
-    up, _ = packed(8192, 4096, 128)  # [gate | up] rows of 4096 each
-    down, _ = packed(4096, 4096, 128)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4096, generator=g).to(BF16).to(DEV)
-    w = torch.rand(4096, generator=g).to(BF16).to(DEV)
-
-    def chain():
-        h = int4_linear(x, up, norm=(w, 1e-5, 0.0))  # [1, 8192]
-        y = int4_linear(h, down, act="silu", residual=x)
-        return int4_linear(y, down, norm=(w, 1e-5, 1.0), residual=y)
-
-    want = chain()
-    monkeypatch.setattr(T, "PDL", True)
-    monkeypatch.setattr(T, "PDL_PREFETCH", prefetch)
-    assert torch.equal(chain(), want)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = chain()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, want)
 
 
 if not RUN_HERE:  # the cases run in the child process (test_triton_kernels_in_interpreter)

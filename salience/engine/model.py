@@ -184,11 +184,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x, **neighbours):
-        """neighbours: int4_linear's norm=, act=, residual= (Block.forward passes them where fused)."""
+        """neighbours: int4_linear's rms=, glu=, residual=, emit= (Block.fused_forward passes them)."""
         return int4_linear(x, self.p, self.bias, **neighbours)
 
     def fuses(self, x) -> bool:
-        """Does the kernel for x take the norm/act/residual neighbours itself (kernels.fuses)?"""
+        """Does the kernel for x take the elementwise neighbours itself (kernels.fuses)?"""
         return fuses(self.p, x.numel() // x.shape[-1], x.dtype)
 
     def extra_repr(self):
@@ -295,10 +295,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.eps, c.norm_offset)
         self.k_cache = self.v_cache = None
 
-    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None, norm=None,
-                residual=None):
-        """x [B, T, dim] (normed, or with norm=(w, eps, offset) the residual stream that wqkv's kernel
-        norms, and then residual=x: returns x + the attention output, added by wo's kernel); input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
+    def forward(self, x, cos, sin, input_pos, mask, kv_len: int | None, ops: Ops, rows=None, qkv_kw=None,
+                out_kw=None):
+        """x [B, T, dim] (normed; qkv_kw / out_kw: int4_linear neighbours for wqkv / wo, Block.fused_forward);
+        input_pos: cache slots, [T] (every row) or [B, T] (per row); mask
         [B, 1, g*T, S] bool (g = query heads per kv head, rows (head-in-group, token)), None (causal from
         slot 0: flash path on the fresh k, v) or a Span (decode, T = 1: the Triton decode-attention
         kernel over each row's live slots); kv_len: slots to attend to (prefill) or None (the whole
@@ -306,7 +306,7 @@ class Attention(nn.Module):
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
-        qkv = self.wqkv(x) if norm is None else self.wqkv(x, norm=norm)
+        qkv = self.wqkv(x, **qkv_kw) if qkv_kw else self.wqkv(x)
         args = (qkv, cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
         if rows is None:  # rows 0..B-1, at slots input_pos [T] or [B, T]
             q, k, v = ops.qkv_rope_write(*args, self.k_cache, self.v_cache, input_pos)
@@ -320,7 +320,7 @@ class Attention(nn.Module):
         if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
             y = decode_attention(q[:, :, 0], self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], mask.lo,
                                  mask.hi, c.attn_scale or c.head_dim ** -0.5)
-            return self._out(y[:, None], residual)
+            return self._out(y[:, None], out_kw)
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -332,10 +332,10 @@ class Attention(nn.Module):
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
             y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
             y = y.reshape(b, c.n_heads, t, c.head_dim)  # SDPA may return a non-contiguous layout (CUDA)
-        return self._out(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim), residual)
+        return self._out(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim), out_kw)
 
-    def _out(self, y, residual):
-        return self.wo(y) if residual is None else self.wo(y, residual=residual)
+    def _out(self, y, out_kw):
+        return self.wo(y, **out_kw) if out_kw else self.wo(y)
 
 
 class Block(nn.Module):
@@ -353,28 +353,37 @@ class Block(nn.Module):
 
     def fused(self, x) -> bool:
         """Can this block run with its norms, activation and residual adds inside the 4-bit kernels (the
-        CUDA GEMV at one token; kernels.fuses)? Not with gemma3's sandwich norms (a norm after a linear)."""
+        CUDA GEMV at one token; kernels.fuses)? Not with Gemma's norms (weights applied as 1 + w, and
+        gemma3's sandwich norms after a linear)."""
         lin = (self.attn.wqkv, self.attn.wo, self.w13, self.w2)
-        return not self.c.sandwich and all(isinstance(m, Int4Linear) and m.fuses(x) for m in lin)
+        return (not self.c.sandwich and not self.c.norm_offset
+                and all(isinstance(m, Int4Linear) and m.fuses(x) for m in lin))
 
-    def forward(self, x, pending, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None, fuse=False):
+    def fused_forward(self, x, xw, next_w, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None):
+        """One token through the block with every elementwise op inside the 4-bit GEMVs (self.fused):
+            RMSNorm(x) * w @ W.T = (x * w) @ W.T * rsqrt(mean(x^2) + eps),
+        so each linear that follows a pre-norm takes xw = x * w, emitted by the linear before it, and scales
+        its output by the RMS of x (int4_linear's emit= and rms=); w13 stores act(gate) * up (glu=), wo and
+        w2 add the residual. x [B, T, dim] the residual stream, xw = x * attn_norm.weight (None: computed
+        here); next_w: the next pre-norm's weight (None after the last block). -> (x, x * next_w or None).
+        Per block: 4 GEMVs, RoPE and the attention; no norm or activation kernel."""
+        c = self.c
+        if xw is None:
+            xw = x * self.attn_norm.weight
+        x, xw = self.attn(xw, cos, sin, input_pos, mask, kv_len, ops, rows, qkv_kw=dict(rms=(x, c.eps)),
+                          out_kw=dict(residual=x, emit=self.mlp_norm.weight))
+        h = self.w13(xw, rms=(x, c.eps), glu=c.act)
+        if next_w is None:
+            return self.w2(h, residual=x), None
+        return self.w2(h, residual=x, emit=next_w)
+
+    def forward(self, x, pending, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None):
         """x [B, T, dim] the residual stream, pending the previous block's MLP output still to be added to it
         (h, post_w), or None. -> (x, pending) of this block: its own residual add is left to whoever norms
         next (the next block's attn_norm, or the final norm), so that the add and the norm are one kernel
-        (at batch 1 a 7B decode step has 32 fewer launches).
-
-        fuse (one token, self.fused(x)): the 4-bit kernels do the norms, the activation and the residual
-        adds themselves (int4_linear's norm=, act=, residual=): per block 4 linears and the attention, no
-        elementwise kernel besides RoPE. Returns (x, None)."""
+        (at batch 1 a 7B decode step has 32 fewer launches)."""
         c = self.c
         eps, off = c.eps, c.norm_offset
-        if fuse:
-            if pending is not None:
-                x = residual(x, *pending, eps, off)
-            x = self.attn(x, cos, sin, input_pos, mask, kv_len, ops, rows, norm=(self.attn_norm.weight, eps, off),
-                          residual=x)
-            gate_up = self.w13(x, norm=(self.mlp_norm.weight, eps, off))
-            return self.w2(gate_up, act=c.act, residual=x), None
         pa, pm = (self.post_attn_norm.weight, self.post_mlp_norm.weight) if c.sandwich else (None, None)
         if pending is None:
             xn = ops.norm(x, self.attn_norm.weight, eps, off)
@@ -403,7 +412,7 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     # fuse the norms, activation and residual adds into the 4-bit kernels where they can (Block.forward)
-    fuse_linears: bool = False  # off: the in-loop fused input measured slower (results/h200/s6/run1)
+    fuse_linears: bool = True
 
     # None: decode attention through the Triton kernel (kernels/attention.py) on CUDA in fp16/bf16 with a
     # power-of-two head_dim, SDPA otherwise; True/False force it (tests run it in Triton's interpreter)
@@ -491,10 +500,15 @@ class Transformer(nn.Module):
                 m = m | (kpos == qpos[..., None])
             g = c.n_heads // c.n_kv  # GQA: rows for the g query heads of a kv head (see Attention)
             masks[w] = m[:, None].repeat(1, 1, g, 1) if g > 1 else m[:, None]  # [B, 1, g*T, S]
-        pending = None
-        fuse = self.fuse_linears and b * t == 1 and self.layers[0].fused(x)
-        for layer, key in zip(self.layers, c.rope_keys):
-            x, pending = layer(x, pending, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops, rows, fuse)
+        pending = xw = None
+        if self.fuse_linears and b * t == 1 and self.layers[0].fused(x):
+            nxt = [layer.attn_norm.weight for layer in self.layers[1:]] + [None]
+            for layer, key, w in zip(self.layers, c.rope_keys, nxt):
+                x, xw = layer.fused_forward(x, xw, w, *rope[key], input_pos, masks[layer.attn.window], kv_len,
+                                            ops, rows)
+        else:
+            for layer, key in zip(self.layers, c.rope_keys):
+                x, pending = layer(x, pending, *rope[key], input_pos, masks[layer.attn.window], kv_len, ops, rows)
 
         def pick(t):  # [B, T, dim] -> the positions whose logits are wanted
             if isinstance(last, torch.Tensor):
@@ -502,12 +516,7 @@ class Transformer(nn.Module):
             return t[:, -1:] if last else t
 
         if pending is None:  # fused blocks: x holds every residual add already
-            x = pick(x)
-            nrm = (self.norm.weight, c.eps, c.norm_offset)
-            if isinstance(self.output, Int4Linear) and self.output.fuses(x):
-                logits = self.output(x, norm=nrm)
-            else:
-                logits = self.output(ops.norm(x, *nrm))
+            logits = self.output(ops.norm(pick(x), self.norm.weight, c.eps, c.norm_offset))
         else:
             h, post_w = pending
             _, xn = ops.residual_norm(pick(x), pick(h), post_w, self.norm.weight, c.eps, c.norm_offset)

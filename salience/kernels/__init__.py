@@ -13,12 +13,12 @@ Public API
         are exact but slow); on CUDA informative, the kernels follow x's dtype (fp16/bf16; fp32 works
         through dequantize + cuBLAS). N need not be a multiple of 16 or 128 (padded at repack).
 
-    int4_linear(x, packed, bias=None, *, norm=None, act=None, residual=None) -> Tensor
+    int4_linear(x, packed, bias=None, *, rms=None, glu=None, residual=None, emit=None)
         x [..., K] on packed's device -> [..., N] in x.dtype. Picks the kernel by device and by
-        M = x.numel() // K (linear.py says which). norm=(w, eps, offset) / act="silu"|"gelu_tanh" (x is
-        [..., 2K]: gate, up) / residual: a transformer's elementwise neighbours of the linear
-        (reference.rms_norm, reference.act_mul, residual + y), inside the kernel where
-        fuses(packed, M, dtype) (the CUDA GEMV at one token), composed from torch ops elsewhere.
+        M = x.numel() // K (linear.py says which). rms=(q, eps) / glu="silu"|"gelu_tanh" / residual /
+        emit=w: a transformer's elementwise neighbours of the linear (linear.py defines them), inside
+        the kernel where fuses(packed, M, dtype) (the CUDA GEMV at one token), composed from torch ops
+        elsewhere.
 
     int4_linear_ref(x, qweight, qzeros, scales, group_size, bias=None) -> Tensor
         The spec (reference.py): plain torch, what every kernel is tested against.

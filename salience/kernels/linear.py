@@ -70,41 +70,39 @@ class PackedInt4:
         return self.qweight.device
 
 
-def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None, *, norm=None,
-                act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None, *, rms=None,
+                glu: str | None = None, residual: torch.Tensor | None = None, emit: torch.Tensor | None = None):
     """x [..., K] @ W.T (+ bias) -> [..., N] in x.dtype, W the 4-bit weight held by p.
 
-    The elementwise neighbours of a transformer's linears, as reference.py defines them (at most one of
-    norm and act):
-      norm=(w, eps, offset): the input is rms_norm(x, w, eps, offset);
-      act="silu" | "gelu_tanh": x is [..., 2K] (gate, then up) and the input is act(gate) * up;
-      residual [..., N]: returns residual + y, in x's dtype.
-    fuses(p, m, dtype) says whether the kernel does them itself (the CUDA GEMV, at one token: no extra
+    A transformer's elementwise neighbours of the linear, in this order (reference.py's math):
+      rms=(q, eps): x is scaled by rsqrt(mean(q^2) + eps), q [..., K] (fp32 statistics). With x = q * w
+          this is the pre-norm w * RMSNorm(q) folded around the linear (the kernel scales its output);
+      glu="silu" | "gelu_tanh": W holds [gate; up] rows (N = 2F), the result is act(gate) * up [..., F];
+      residual [..., N or F]: the result is residual + y;
+      emit=w [N or F]: returns (y, y * w), y * w being the x of a following rms= linear.
+    fuses(p, m, dtype) says whether the kernel does them itself (the CUDA GEMV at one token: no extra
     launches); otherwise they are composed from torch ops here, the same numbers up to rounding."""
-    if norm is not None and act is not None:
-        raise ValueError("norm= and act= cannot both apply to one linear's input")
-    k_in = 2 * p.k if act else p.k
-    if x.shape[-1] != k_in:
-        raise ValueError(f"x has {x.shape[-1]} features, the linear takes {k_in}"
-                         + (f" ([gate | up] of {p.k} each, act={act!r})" if act else ""))
-    if act is not None and act not in reference.ACTS:
-        raise ValueError(f"act must be one of {sorted(reference.ACTS)}, got {act!r}")
+    if x.shape[-1] != p.k:
+        raise ValueError(f"x has {x.shape[-1]} features, the linear takes {p.k}")
+    if glu is not None and glu not in reference.ACTS:
+        raise ValueError(f"glu must be one of {sorted(reference.ACTS)}, got {glu!r}")
+    if glu is not None and p.n % 2:
+        raise ValueError(f"glu= needs [gate; up] rows, an even N (got {p.n})")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k_in)
-    if x2.stride(-1) != 1 or x2.stride(0) != k_in:
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1 or x2.stride(0) != p.k:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if residual is not None and residual.shape[:-1].numel() * residual.shape[-1] != m * p.n:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, the output is {(*lead, p.n)}")
-    if m and fuses(p, m, x2.dtype):
+    n_out = p.n // 2 if glu else p.n
+    if m and fuses(p, m, x2.dtype) and (glu is None or p.n % 128 == 0):  # GLU tiles: 64 gate + 64 up rows
         from . import triton_int4
 
-        y = triton_int4.gemv(x2, p, bias, norm=norm, act=act, residual=residual)
-        return y.reshape(*lead, p.n)
-    if norm is not None:
-        x2 = reference.rms_norm(x2, *norm)
-    if act is not None:
-        x2 = reference.act_mul(x2, act)
+        y = triton_int4.gemv(x2, p, bias, rms=rms, glu=glu, residual=residual, emit=emit)
+        return tuple(t.reshape(*lead, n_out) for t in y) if emit is not None else y.reshape(*lead, n_out)
+    if rms is not None:
+        q, eps = rms
+        qf = q.reshape(m, p.k).float()
+        x2 = (x2.float() * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps)).to(x2.dtype)
     if m == 0:
         y = x2.new_zeros(0, p.n)
     elif p.layout == "triton":
@@ -113,14 +111,18 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         y = triton_int4.linear(x2, p, bias)
     else:
         y = _cpu_linear(x2, p, bias)
-    y = y.reshape(*lead, p.n)
-    return y if residual is None else residual + y
+    if glu is not None:
+        y = reference.act_mul(y, glu)
+    y = y.reshape(*lead, n_out)
+    if residual is not None:
+        y = residual + y
+    return (y, y * emit) if emit is not None else y
 
 
 def fuses(p: PackedInt4, m: int, dtype: torch.dtype) -> bool:
-    """Whether int4_linear runs norm=, act= and residual= inside its kernel for m tokens of this dtype
-    (the CUDA GEMV at m = 1). Where it does not they cost separate torch ops, so a caller that compiles
-    its own elementwise kernels (the engine) passes them only where this is True."""
+    """Whether int4_linear runs rms=, glu=, residual= and emit= inside its kernel for m tokens of this
+    dtype (the CUDA GEMV at m = 1). Where it does not they cost separate torch ops, so a caller that
+    compiles its own elementwise kernels (the engine) passes them only where this is True."""
     if p.layout != "triton":
         return False
     from . import triton_int4

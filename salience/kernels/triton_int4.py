@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .layout import UNIT, WORDS
 from .linear import LOCKS
@@ -54,15 +53,10 @@ GEMV_MAX_M = 1  # tokens up to which the GEMV (gemv(): _gemv_wide_kernel or _gem
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
-# programmatic dependent launch of the M = 1 GEMVs (Hopper and later): a GEMV's programs may start while the
-# kernel before it finishes, prefetch PDL_PREFETCH units of their codes into L2, then wait for it
-# (griddepcontrol.wait) before reading x; each lets the kernel after it launch as soon as it has waited
-PDL = False
-PDL_PREFETCH = 0
-ACT_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # act= of int4_linear -> the kernels' ACT
+GLU_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # glu= of int4_linear -> the GEMVs' GLU
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
 # (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
-_RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE", "stride_rm"]  # UPG == 1 is worth a variant
+_RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE", "stride_rm", "stride_qm", "F"]  # UPG == 1 is worth a variant
 ONE = 0x3F800000  # the bits of 1.0f
 _WORDS = tl.constexpr(WORDS)  # int32 words per unit (128 codes) and row
 
@@ -89,83 +83,67 @@ def _scale_zero(sz):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ptrs: fire and forget (no register receives the data, nothing
-    waits). PTX only: the interpreter never gets here (PDL is off there)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def _act(g, GLU: tl.constexpr):
+    """silu (GLU 1) or tanh-approximated gelu (GLU 2) of fp32 g. gelu_tanh(g) = g * sigmoid(2y) with
+    y = sqrt(2 / pi) (g + 0.044715 g^3), since (1 + tanh(y)) / 2 = sigmoid(2y)."""
+    if GLU == 1:
+        return g / (1.0 + tl.exp(-g))
+    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return g / (1.0 + tl.exp(-2.0 * y))
 
 
 @triton.jit
-def _pdl_start(w_rows, u_lo, u_hi, SWU, PDL: tl.constexpr, PF: tl.constexpr):
-    """Programmatic dependent launch: this program may be running before the kernel ahead of it has
-    finished. The codes do not depend on that kernel, so the first PF units of this program's rows are
-    asked into L2 first; then wait for it (its writes, x among them, are visible after the wait), and let
-    the kernel after this one launch."""
-    if PDL:
-        for d in tl.static_range(PF):
-            _prefetch_l2(w_rows + tl.minimum(u_lo + d, u_hi - 1) * SWU)
-        gdc_wait()
-        gdc_launch_dependents()
+def _rms_sumsq(q_row, K, RB: tl.constexpr, RMS: tl.constexpr):
+    """sum(q^2) over row q's K values (RB >= K) in fp32, reduced as soon as loaded: holding the row in
+    registers through the main loop cost the 7B GEMVs a resident program per SM (run2 of h200/s6)."""
+    r = tl.arange(0, RB)
+    ss = 0.0
+    if RMS:
+        q = tl.load(q_row + r, mask=r < K, other=0.0).to(tl.float32)
+        ss = tl.sum(q * q, axis=0)
+    return ss
 
 
 @triton.jit
-def _row_rstd(x_row, K, eps, RB: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) over one row of K values, in fp32 (torch.rsqrt(x.pow(2).mean() + eps))."""
-    ss = tl.zeros([RB], dtype=tl.float32)
-    for k0 in range(0, K, RB):
-        r = k0 + tl.arange(0, RB)
-        v = tl.load(x_row + r, mask=r < K, other=0.0).to(tl.float32)
-        ss += v * v
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+def _rms_scale(acc, ss, K, eps):
+    """acc * rsqrt(mean(q^2) + eps): the RMSNorm of row q applied after the matmul (it is linear in x)."""
+    return acc * tl.rsqrt(ss / K + eps)
 
 
 @triton.jit
-def _x_in(x_row, nw_row, off, mask, K, rstd, noff, NORM: tl.constexpr, ACT: tl.constexpr):
-    """The GEMV's input at x_row + off (a tensor of offsets in one row), fp32, as int4_linear's fused
-    neighbours define it (reference.py), rounded to x's dtype wherever the reference rounds:
-      ACT 0: x;  ACT 1/2: silu/gelu_tanh(gate) * up, the row holding [gate (K) | up (K)];
-      NORM 1: w * (x rstd) (Llama); NORM 2: x rstd (noff + w) in fp32 (Gemma); rstd from _row_rstd."""
-    x = tl.load(x_row + off, mask=mask, other=0.0)
-    dt: tl.constexpr = x.dtype
-    if ACT > 0:
-        g = x.to(tl.float32)
-        up = tl.load(x_row + K + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:
-            a = g / (1.0 + tl.exp(-g))
-        else:  # tanh(y) = 2 / (1 + exp(-2y)) - 1, y = sqrt(2 / pi) (g + 0.044715 g^3)
-            y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * y)))
-        x = (a.to(dt).to(tl.float32) * up).to(dt)
-    if NORM > 0:
-        w = tl.load(nw_row + off, mask=mask, other=0.0).to(tl.float32)
-        xf = x.to(tl.float32) * rstd
-        if NORM == 1:
-            x = (w * xf.to(dt).to(tl.float32)).to(dt)
-        else:
-            x = (xf * (noff + w)).to(dt)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_out(acc, rm, rn, M, N, b_ptr, r_ptr, out_ptr, stride_om, stride_rm, HAS_BIAS: tl.constexpr,
-               HAS_RES: tl.constexpr):
-    """acc [BM, BN] fp32 (+ bias) -> out[rm, rn] in out's dtype; HAS_RES: r[rm, rn] + that, added in the
-    output dtype as `r + y` would be."""
+def _store_out(acc, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr):
+    """acc [BM, BN] fp32 over weight rows rn (+ bias[rn]) -> out[rm, cols] in out's dtype, then as
+    int4_linear's neighbours say (each rounded to the dtype where the composed torch ops round):
+      GLU: rn interleaves gate and up rows (_tile_rows): out = act(gate) * up, BN / 2 columns;
+      HAS_RES: out = r[rm, cols] + out;  EMIT: also o2[rm, cols] = out * e[cols]."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    y = acc.to(out_ptr.dtype.element_ty)
+        acc += tl.load(b_ptr + rn, mask=rn < (2 * N_out if GLU > 0 else N_out), other=0.0).to(tl.float32)[None, :]
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    if GLU > 0:
+        BM: tl.constexpr = acc.shape[0]
+        BH: tl.constexpr = acc.shape[1] // 2
+        g, u = tl.split(tl.reshape(acc, [BM, BH, 2]))
+        a = _act(g.to(dt).to(tl.float32), GLU)
+        y = (a.to(dt).to(tl.float32) * u.to(dt).to(tl.float32)).to(dt)
+    else:
+        y = acc.to(dt)
+    mask = (rm[:, None] < M) & (cols[None, :] < N_out)
     if HAS_RES:
-        r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=mask)
+        r = tl.load(r_ptr + rm[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+    tl.store(out_ptr + rm[:, None] * stride_om + cols[None, :], y, mask=mask)
+    if EMIT:
+        e = tl.load(e_ptr + cols, mask=cols < N_out, other=0.0).to(tl.float32)
+        tl.store(o2_ptr + rm[:, None] * stride_om + cols[None, :], (y.to(tl.float32) * e[None, :]).to(dt),
+                 mask=mask)
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, tile, pid_k, n_split, M, N, NP, b_ptr, r_ptr, out_ptr, ws_ptr, lock_ptr,
-              stride_om, stride_rm, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
-    """Write one [BM, BN] tile; with split-K the last program of the tile to arrive reduces."""
+def _epilogue(acc, rm, rn, cols, tile, pid_k, n_split, M, N_out, NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr,
+              ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+              GLU: tl.constexpr, EMIT: tl.constexpr, SPLIT: tl.constexpr):
+    """Write one [BM, BN] tile (_store_out); with split-K the last program of the tile to arrive reduces."""
     if SPLIT:
         row_ok = rm[:, None] < M
         ws = ws_ptr + rm[:, None] * NP + rn[None, :]  # [BM, BN] of split 0; split j at + j*M*NP
@@ -176,10 +154,12 @@ def _epilogue(acc, rm, rn, tile, pid_k, n_split, M, N, NP, b_ptr, r_ptr, out_ptr
             tot = tl.load(ws, mask=row_ok, other=0.0, cache_modifier=".cg")
             for j in range(1, n_split):
                 tot += tl.load(ws + j * M * NP, mask=row_ok, other=0.0, cache_modifier=".cg")
-            _store_out(tot, rm, rn, M, N, b_ptr, r_ptr, out_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES)
+            _store_out(tot, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+                       HAS_BIAS, HAS_RES, GLU, EMIT)
             tl.atomic_xchg(lock_ptr + tile, 0)
     else:
-        _store_out(acc, rm, rn, M, N, b_ptr, r_ptr, out_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES)
+        _store_out(acc, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+                   HAS_BIAS, HAS_RES, GLU, EMIT)
 
 
 @triton.jit
@@ -198,25 +178,53 @@ def _w_rows(w_ptr, pid_n, BN: tl.constexpr, SWB, SWR):
 
 
 @triton.jit
-def _k_ok(ok, k0, K, MASK_K: tl.constexpr):
-    """ok [16] and, with MASK_K, k0 + 0..15 < K."""
-    if MASK_K:
-        return ok & (k0 + tl.arange(0, _WORDS) < K)
-    return ok
+def _tile_rows(w_ptr, pid_n, F, BN: tl.constexpr, SWB, SWR, GLU: tl.constexpr):
+    """(rows [BN], pointers to their unit 0 [BN], output columns) of GEMV tile pid_n. GLU: the rows of a
+    [gate (F rows); up (F rows)] weight interleaved, gate j then up j for the BN / 2 outputs j of the tile
+    (two runs of BN / 2 contiguous rows), so that the tile's epilogue holds both factors of each output."""
+    if GLU > 0:
+        a = tl.arange(0, BN)
+        rn = (a % 2) * F + pid_n * (BN // 2) + a // 2
+        ptrs = w_ptr + (rn // 128) * SWB + (rn % 128) * SWR
+        cols = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        ptrs = _w_rows(w_ptr, pid_n, BN, SWB, SWR)
+        cols = rn
+    return rn, ptrs, cols
 
 
 @triton.jit
-def _x_unit(x_row, nw_row, u, ok, K, rstd, noff, MASK_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr):
-    """x of one unit as 8 vectors of 16, fp32 (nibble i: k = 128u + 16i + 0..15; _x_in), masked by ok [16]."""
-    b = u * 128
-    x0 = _x_in(x_row, nw_row, b, _k_ok(ok, b, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x1 = _x_in(x_row, nw_row, b + 16, _k_ok(ok, b + 16, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x2 = _x_in(x_row, nw_row, b + 32, _k_ok(ok, b + 32, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x3 = _x_in(x_row, nw_row, b + 48, _k_ok(ok, b + 48, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x4 = _x_in(x_row, nw_row, b + 64, _k_ok(ok, b + 64, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x5 = _x_in(x_row, nw_row, b + 80, _k_ok(ok, b + 80, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x6 = _x_in(x_row, nw_row, b + 96, _k_ok(ok, b + 96, K, MASK_K), K, rstd, noff, NORM, ACT)
-    x7 = _x_in(x_row, nw_row, b + 112, _k_ok(ok, b + 112, K, MASK_K), K, rstd, noff, NORM, ACT)
+def _x_unit(x_row, u, ok, K, MASK_K: tl.constexpr):
+    """x of one unit as 8 vectors of 16 (nibble i: k = 128u + 16i + 0..15), masked by ok [16]."""
+    base = x_row + u * 128
+    r = tl.arange(0, _WORDS)
+    if MASK_K:
+        ok = ok & (u * 128 + r < K)
+    x0 = tl.load(base, mask=ok, other=0.0)
+    if MASK_K:
+        ok1 = ok & (u * 128 + 16 + r < K)
+        ok2 = ok & (u * 128 + 32 + r < K)
+        ok3 = ok & (u * 128 + 48 + r < K)
+        ok4 = ok & (u * 128 + 64 + r < K)
+        ok5 = ok & (u * 128 + 80 + r < K)
+        ok6 = ok & (u * 128 + 96 + r < K)
+        ok7 = ok & (u * 128 + 112 + r < K)
+    else:
+        ok1 = ok
+        ok2 = ok
+        ok3 = ok
+        ok4 = ok
+        ok5 = ok
+        ok6 = ok
+        ok7 = ok
+    x1 = tl.load(base + 16, mask=ok1, other=0.0)
+    x2 = tl.load(base + 32, mask=ok2, other=0.0)
+    x3 = tl.load(base + 48, mask=ok3, other=0.0)
+    x4 = tl.load(base + 64, mask=ok4, other=0.0)
+    x5 = tl.load(base + 80, mask=ok5, other=0.0)
+    x6 = tl.load(base + 96, mask=ok6, other=0.0)
+    x7 = tl.load(base + 112, mask=ok7, other=0.0)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -241,47 +249,43 @@ def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_ptr, lock_ptr,
+def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
-                 ONE, eps, noff,
+                 stride_qm, ONE, eps, F,
                  BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                 PDL: tl.constexpr, PF: tl.constexpr):
+                 SPLIT: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr, RB: tl.constexpr,
+                 GLU: tl.constexpr, EMIT: tl.constexpr):
     """out[m, n-block] = x[m] @ W[n-block].T over units [u_lo, u_hi), one token m per program (grid
     axis 2; meant for M = 1). Tiles are [BN, 16] (rows, words of a unit) or slices of that layout, so
     no value moves between threads until the final sum. Everything the next unit needs (its words,
     x, and, when a group spans whole units, its scales) is loaded while this unit computes (by hand:
     written before _gemv_wide_kernel's tl.range pipelining, which does the same with less code but
     has not been written for SUB > 1 yet). SUB = groups per unit (1: group size a multiple of 128;
-    2: 64; 4: 32). NORM, ACT (the input as _x_in makes it) and HAS_RES (_store_out): int4_linear's
-    fused neighbours; PDL, PF: _pdl_start."""
+    2: 64; 4: 32).
+    Fused neighbours (int4_linear's rms=, glu=, residual=, emit=), all outside the main loop: RMS, the
+    RMSNorm of row q (RB >= K of its values, summed before the loop) scales the output (_rms_scale); GLU,
+    tiles of interleaved gate/up rows (_tile_rows) and act(gate) * up stored; HAS_RES, EMIT (_store_out)."""
     NPG: tl.constexpr = 8 // SUB  # nibbles per group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
     rs = tl.arange(0, _WORDS)
-    w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)  # [BN]
+    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, F, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None] + rs[None, :]  # [BN, 16]
     sz_row = sz_ptr + rn  # [BN]
     x_row = x_ptr + m * stride_xm + rs  # [16]
-    nw_row = nw_ptr + rs
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
-    _pdl_start(w_rows, u_lo, u_hi, SWU, PDL, PF)
-    rstd = 1.0
-    if NORM > 0:
-        rstd = _row_rstd(x_ptr + m * stride_xm, K, eps, 1024)
+    ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
 
     acc = tl.zeros([BN, _WORDS], dtype=tl.float32)
     words = tl.load(w_base + u_lo * SWU)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _x_unit(x_row, nw_row, u_lo, rs >= 0, K, rstd, noff, MASK_K, NORM, ACT)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_unit(x_row, u_lo, rs >= 0, K, MASK_K)
     if SUB == 1:
         sz = tl.load(sz_row + (u_lo // UPG) * NP)
     for u in range(u_lo, u_hi):
         nxt = tl.load(w_base + (u + 1) * SWU, mask=_below(u + 1, u_hi, [BN, 1]), other=0)
-        n0, n1, n2, n3, n4, n5, n6, n7 = _x_unit(x_row, nw_row, u + 1, _below(u + 1, u_hi, [_WORDS]), K, rstd,
-                                                 noff, MASK_K, NORM, ACT)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _x_unit(x_row, u + 1, _below(u + 1, u_hi, [_WORDS]), K, MASK_K)
         if SUB == 1:
             nsz = tl.load(sz_row + ((u + 1) // UPG) * NP, mask=_below(u + 1, u_hi, [BN]), other=0)
             s16, c = _scale_zero(sz)
@@ -289,7 +293,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_ptr, lo
             if SUB > 1:
                 if i % NPG == 0:
                     s16, c = _scale_zero(tl.load(sz_row + (u * SUB + i // NPG) * NP))
-            xi = _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7)
+            xi = _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)
             v = _nibble_f32(words, i, ONE)  # [BN, 16]
             if i % NPG == 0:
                 p = v * xi[None, :]
@@ -304,18 +308,21 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_ptr, lo
         if SUB == 1:
             sz = nsz
     out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    if RMS:
+        out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
-              b_ptr, r_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES, SPLIT)
+    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N // (1 + (GLU > 0)),
+              NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES,
+              GLU, EMIT, SPLIT)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_ptr, lock_ptr,
+def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr,
                       M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
-                      ONE, eps, noff,
+                      stride_qm, ONE, eps, F,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      STAGES: tl.constexpr, STEP_SUM: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                      ACT: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+                      STAGES: tl.constexpr, STEP_SUM: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
+                      RB: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr):
     """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
     consecutive units per step: [BN, U, 16] words. A loop given num_stages (tl.range) has all its
     loads pipelined by Triton, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
@@ -328,23 +335,18 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_pt
         sum_s (16 s p[s] + c xs[s]) = 16 s P + c X.
     NCU (H200, 7B qkv, without it): 165 registers a thread, 3 programs per SM, 2.45 warps per scheduler
     of which 1.06 eligible: latency-bound at low occupancy; this frees ~30 registers a thread.
-    NORM, ACT, HAS_RES, PDL, PF: as in _gemv_kernel."""
+    RMS, GLU, HAS_RES, EMIT: as in _gemv_kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
     ru = tl.arange(0, U)
     rs = tl.arange(0, _WORDS)
-    w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)  # [BN]
+    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, F, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
     x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
-    nw_base = nw_ptr + ru[:, None] * 128 + rs[None, :]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
-    _pdl_start(w_rows, u_lo, u_hi, SWU, PDL, PF)
-    rstd = 1.0
-    if NORM > 0:
-        rstd = _row_rstd(x_ptr + m * stride_xm, K, eps, 1024)
+    ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
     if STEP_SUM:
         acc = tl.zeros([BN, U], dtype=tl.float32)
     else:
@@ -355,7 +357,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_pt
         s16, c = _scale_zero(tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None],
                                      mask=uok[None, :], other=0))  # [BN, U]
         for i in tl.static_range(8):
-            xi = _x_in(x_base, nw_base, u * 128 + i * 16, uok[:, None], K, rstd, noff, NORM, ACT)  # [U, 16]
+            xi = tl.load(x_base + u * 128 + i * 16, mask=uok[:, None], other=0.0).to(tl.float32)  # [U, 16]
             v = _nibble_f32(words, i, ONE)  # [BN, U, 16]
             if i == 0:
                 p = v * xi[None, :, :]
@@ -371,9 +373,12 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, nw_ptr, out_ptr, ws_pt
         out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     else:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    if RMS:
+        out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N, NP,
-              b_ptr, r_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES, SPLIT)
+    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N // (1 + (GLU > 0)),
+              NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES,
+              GLU, EMIT, SPLIT)
 
 
 @triton.jit
@@ -388,11 +393,10 @@ def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, lock_ptr,
-                 M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
+def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om,
                  BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr,
-                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                 HAS_RES: tl.constexpr):
+                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16], times x[:, 16 codes].T on the
     tensor cores (wgmma, A from registers); acc is [BN, BM]. Words, scales (4-byte loads) and x are
     pipelined by Triton (num_stages). Two ways to apply scales and zeros:
@@ -461,8 +465,8 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, lock_ptr,
             else:
                 acc = tl.dot(wi, tl.trans(xd), acc)
     tile = pid_m * tl.num_programs(0) + pid_n
-    _epilogue(tl.trans(acc), rm, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, r_ptr, out_ptr, ws_ptr,
-              lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES, SPLIT)
+    _epilogue(tl.trans(acc), rm, rn, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, out_ptr, out_ptr,
+              out_ptr, ws_ptr, lock_ptr, stride_om, 0, HAS_BIAS, False, 0, False, SPLIT)
 
 
 @triton.jit(do_not_specialize=["N", "K", "n_units", "ONE"])
@@ -550,21 +554,21 @@ def _check_block_n(bn: int):
         raise ValueError(f"BLOCK_N must divide 128 (a tile stays inside one block of 128 rows), got {bn}")
 
 
-def _launch_args(x2, p, bias, residual, out, n_split, m_rows, np_):
-    """(x, codes, scales, bias, residual, out, workspace, counters): absent tensors replaced by out (never
-    read: their constexpr flags are off)."""
+def _launch_args(x2, p, bias, out, n_split, m_rows, np_):
+    """(x, codes, scales, bias, out, workspace, counters); an absent bias is replaced by out (never read)."""
     ws = torch.empty(n_split, m_rows, np_, device=x2.device, dtype=torch.float32) if n_split > 1 else out
     b = bias if bias is not None else out
-    r = residual if residual is not None else out
-    return (x2, p.qweight, p.scales, b, r, out, ws, p.locks)
+    return (x2, p.qweight, p.scales, b, out, ws, p.locks)
 
 
-def _residual_rows(residual, m, n):
-    """residual as [m, n] rows of unit stride (int4_linear's residual=), or None."""
-    if residual is None:
+def _rows(t, m, n, what):
+    """t as [m, n] rows of unit stride, or None."""
+    if t is None:
         return None
-    r = residual.reshape(m, n)
-    return r if r.stride(-1) == 1 else r.contiguous()
+    if t.numel() != m * n:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {m} x {n} values")
+    t = t.reshape(m, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _reg_cap(maxnreg):
@@ -587,18 +591,17 @@ def _gemv_config(np_: int, k: int):
     return 128, 2, 4, 3, False  # 7B qkv and gate_up
 
 
-def gemv(x2, p, bias=None, *, norm=None, act=None, residual=None, block_n=None, split=None, num_warps=4,
-         maxnreg=None, wide=None, waves=None, stages=None, step_sum=None):
+def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, block_n=None, split=None,
+         num_warps=4, maxnreg=None, wide=None, waves=None, stages=None, step_sum=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
     Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
     _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
     waves: split-K aims at this many programs per SM. Unset arguments come from _gemv_config.
-    norm (w, eps, offset), act, residual: int4_linear's fused neighbours (x2 is [M, 2K] with act)."""
-    m, k = x2.shape[0], p.k
-    if x2.shape[1] != (2 * k if act else k):
-        raise ValueError(f"x has {x2.shape[1]} features, expected {2 * k if act else k}")
-    if norm is not None and act is not None:
-        raise ValueError("norm= and act= cannot be fused into one linear")
+    rms=(q, eps), glu, residual, emit: int4_linear's fused neighbours (-> (y, y * emit) with emit)."""
+    m, k = x2.shape
+    if glu is not None and (p.n % 128 or (block_n or 128) != 128):
+        raise ValueError(f"glu= needs [gate; up] rows in whole tiles of 128 (N = {p.n}, BLOCK_N 128)")
+    n_out = p.n // 2 if glu else p.n
     np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
     use_wide = sub == 1 and k % UNIT == 0
@@ -607,26 +610,29 @@ def gemv(x2, p, bias=None, *, norm=None, act=None, residual=None, block_n=None, 
     step_sum = sum0 if step_sum is None else step_sum
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     _check_block_n(block_n)
-    out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
-    residual = _residual_rows(residual, m, p.n)
+    out = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
+    o2 = torch.empty_like(out) if emit is not None else out
+    residual = _rows(residual, m, n_out, "residual")
+    q, eps = rms if rms is not None else (None, 0.0)
+    q = _rows(q, m, k, "rms row")
     tiles = np_ // block_n
     n_split, ups = _split(tiles * m, n_units, wide, _n_sms(x2), split, waves)
-    nw, eps, noff = norm if norm is not None else (out, 0.0, 0.0)
-    x_args = _launch_args(x2, p, bias, residual, out, n_split, m, np_)
-    args = (*x_args[:5], nw, *x_args[5:],
+    x, w, sz, b, _, ws, locks = _launch_args(x2, p, bias, out, n_split, m, np_)
+    dummy = out
+    args = (x, w, sz, b, residual if residual is not None else dummy, q if q is not None else dummy,
+            emit if emit is not None else dummy, out, o2, ws, locks,
             m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
-            residual.stride(0) if residual is not None else 0, ONE, float(eps), float(noff))
-    pdl = PDL and x2.is_cuda
+            residual.stride(0) if residual is not None else 0, q.stride(0) if q is not None else 0, ONE,
+            float(eps), n_out if glu else 0)
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, HAS_RES=residual is not None,
-                NORM=0 if norm is None else 2 if noff else 1, ACT=ACT_CODES[act], PDL=pdl,
-                PF=PDL_PREFETCH if pdl else 0, num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
-    if pdl:
-        meta["launch_pdl"] = True
+                RMS=q is not None, RB=triton.next_power_of_2(k) if q is not None else 16, GLU=GLU_CODES[glu],
+                EMIT=emit is not None, num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
     if use_wide:
-        _gemv_wide_kernel[(tiles, n_split, m)](*args, U=wide, STAGES=stages, STEP_SUM=step_sum, **meta)
+        _gemv_wide_kernel[(tiles, n_split, m)](
+            *args, U=wide, STAGES=stages, STEP_SUM=step_sum, **meta)
     else:
         _gemv_kernel[(tiles, n_split, m)](*args, SUB=sub, MASK_K=(k % UNIT != 0), **meta)
-    return out
+    return (out, o2) if emit is not None else out
 
 
 def _gemm_config(m: int, k: int):
@@ -655,11 +661,10 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split, cap=cap)
     sub, upg = _geometry(p)
     _gemm_kernel[(tn, tm, n_split)](
-        *_launch_args(x2, p, bias, None, out, n_split, m, np_),
-        m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0), 0,
+        *_launch_args(x2, p, bias, out, n_split, m, np_),
+        m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
         BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
-        SPLIT=n_split > 1, DOT_F32=_interpreted(), HAS_RES=False, num_warps=nw, num_stages=ns,
-        **_reg_cap(maxnreg))
+        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
     return out
 
 
@@ -676,8 +681,8 @@ def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
 
 
 def fuses(m: int, dtype: torch.dtype) -> bool:
-    """Does the kernel for M = m rows of this dtype take int4_linear's norm=, act= and residual= itself?
-    (The GEMV does; linear.py composes them from torch ops elsewhere.)"""
+    """Does the kernel for M = m rows of this dtype take int4_linear's rms=, glu=, residual= and emit=
+    itself? (The GEMV does; linear.py composes them from torch ops elsewhere.)"""
     return m <= GEMV_MAX_M and dtype in (torch.float16, torch.bfloat16)
 
 
