@@ -12,6 +12,12 @@ judged by effective bandwidth (bytes of weights, scales, zeros, x and out per ca
                    registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
+The GEMVs also take a transformer's elementwise neighbours (int4_linear's rms=, glu=, residual=, emit=),
+all outside their main loops, whose per-code work they would otherwise slow: an RMSNorm as a scale of
+the output, act(gate) * up from tiles of interleaved gate and up rows, the residual add and y * w (the
+next RMS= linear's input) in the epilogue. That removes the batch-1 decode step's norm and activation
+kernels (kernels_notes.md, session 6).
+
 Measured on an H100 (benchmarks/results/h100/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
 M = 1, short of the 2.5-3 TB/s the hardware allows; on an H200 (4.8 TB/s datasheet, ~4.3 measured by a
 copy) 1.1-2.7 TB/s with the tiled layout (results/h200/). Not for lack of bytes in flight (a deeper
