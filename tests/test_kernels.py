@@ -122,6 +122,24 @@ def test_cpu_leading_dims_and_dtype_cast():
     assert int4_linear(x[:, :0], p).shape == (2, 0, 72)
 
 
+def test_cpu_neighbours_are_composed():
+    """On CPU (tinygemm) int4_linear's rms=, glu=, residual= and emit= are torch ops around the kernel, in
+    the documented order, and fuses() says so."""
+    from salience.kernels import fuses, reference
+
+    awq = awq_linear(144, 256, 64)
+    p = PackedInt4.from_awq(*awq, 64, device="cpu", dtype=torch.bfloat16)
+    assert not fuses(p, 1, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x, q = (torch.randn(1, 2, 256, generator=g).bfloat16() for _ in range(2))
+    r = torch.randn(1, 2, 72, generator=g).bfloat16()
+    w = torch.rand(72, generator=g).bfloat16()
+    y, yw = int4_linear(x, p, rms=(q, 1e-6), glu="gelu_tanh", residual=r, emit=w)
+    xs = (x.float() * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    want = r + reference.act_mul(int4_linear(xs, p), "gelu_tanh")
+    assert y.shape == (1, 2, 72) and torch.equal(y, want) and torch.equal(yw, want * w)
+
+
 def test_wrong_in_features():
     awq = awq_linear(72, 256, 64)
     p = PackedInt4.from_awq(*awq, 64, device="cpu")
