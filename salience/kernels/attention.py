@@ -18,12 +18,9 @@ each row's live slots once and writes the output already in [B, Hq * D] order.
 GQA: the g = Hq / Hkv query heads that share a kv head are one program's rows (padded to 16 for the
 tensor cores). Flash-decoding: the S slots are cut into chunks (sized so that there are ~512 programs);
 program (b, kv head, chunk) runs an online softmax over the chunk's live blocks of BLOCK_S slots and
-writes its partial (running max m, sum l, unnormalised acc, for the g real rows) in fp32, then bumps the
-(b, head)'s arrival counter; the program that arrives last combines the chunks in a fixed order
-(deterministic), writes the output and resets the counter to 0 (one kernel: a separate combine kernel
-cost 2.7 us a layer at batch 1 on the H200). Chunks with no live slot write m = -inf and are skipped.
-The counters (one buffer per device, zero between calls) mean two streams must not run decode
-attention at the same time.
+writes its partial (running max m, sum l, unnormalised acc, for the g real rows) in fp32; a second
+kernel combines the chunks of each (b, head) in a fixed order (deterministic). Chunks with no live slot
+write m = -inf and are skipped by the combine.
 
 decode_attention_ref is the spec (plain torch, fp32 softmax), used on CPU and by the tests.
 """
@@ -57,14 +54,13 @@ except ImportError:  # CPU-only installs: decode_attention runs the reference
 if triton is not None:
 
     @triton.jit
-    def _attn_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, hi_ptr, m_ptr, l_ptr, acc_ptr, o_ptr, cnt_ptr,
-                     S, n_chunks, scale,
-                     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_ob,
-                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                     CHUNK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, hi_ptr, m_ptr, l_ptr, acc_ptr,
+                             S, n_chunks, scale,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             CHUNK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
         """Program (b, kv head h, chunk c of CHUNK slots): rows = the G query heads of kv head h (padded
-        to GP for the tensor cores), online softmax over the chunk's live blocks of BLOCK_S slots only;
-        the last of the (b, h)'s programs to finish combines (_combine).
+        to GP for the tensor cores), online softmax over the chunk's live blocks of BLOCK_S slots only.
         PREC: "ieee" for fp32 inputs (exact fp32 products, not TF32), else "tf32" (ignored for 16-bit)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -104,53 +100,37 @@ if triton is not None:
         tl.store(m_ptr + out, m, mask=row_ok)  # -inf: no live slot in this chunk (the combine skips it)
         tl.store(l_ptr + out, l_, mask=row_ok)
         tl.store(acc_ptr + out[:, None] * D + rd[None, :], acc, mask=row_ok[:, None])
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        pair = b * tl.num_programs(1) + h
-        if tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
-            _combine(m_ptr, l_ptr, acc_ptr, o_ptr, b, h, pair * n_chunks, n_chunks, stride_ob, G, GP, D)
-            tl.atomic_xchg(cnt_ptr + pair, 0)
 
     @triton.jit
-    def _combine(m_ptr, l_ptr, acc_ptr, o_ptr, b, h, base, n_chunks, stride_ob,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-        """o[b, (h*G + g)*D + d] = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the chunks of
-        (b, h), in order (deterministic); the partials are read from L2 (.cg: other programs wrote them)."""
+    def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, n_chunks, stride_ob,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        """Program (b, kv head h): o[b, (h*G + g)*D + d] = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c,
+        chunks in order (deterministic)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
         rg = tl.arange(0, GP)
         rd = tl.arange(0, D)
         row_ok = rg < G
+        base = (b * tl.num_programs(1) + h) * n_chunks
         mx = tl.full([GP], float("-inf"), tl.float32)
         for c in range(n_chunks):
-            mx = tl.maximum(mx, tl.load(m_ptr + (base + c) * G + rg, mask=row_ok, other=float("-inf"),
-                                        cache_modifier=".cg"))
+            mx = tl.maximum(mx, tl.load(m_ptr + (base + c) * G + rg, mask=row_ok, other=float("-inf")))
         tot_l = tl.zeros([GP], dtype=tl.float32)
         tot = tl.zeros([GP, D], dtype=tl.float32)
         for c in range(n_chunks):
             r = (base + c) * G + rg
-            m = tl.load(m_ptr + r, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            m = tl.load(m_ptr + r, mask=row_ok, other=float("-inf"))
             if tl.max(m, axis=0) > float("-inf"):  # chunks with no live slot wrote m = -inf (and garbage)
                 w = tl.exp(m - mx)
-                tot_l += w * tl.load(l_ptr + r, mask=row_ok, other=0.0, cache_modifier=".cg")
-                tot += w[:, None] * tl.load(acc_ptr + r[:, None] * D + rd[None, :], mask=row_ok[:, None], other=0.0,
-                                            cache_modifier=".cg")
+                tot_l += w * tl.load(l_ptr + r, mask=row_ok, other=0.0)
+                tot += w[:, None] * tl.load(acc_ptr + r[:, None] * D + rd[None, :], mask=row_ok[:, None], other=0.0)
         o = tot / tl.where(tot_l > 0, tot_l, 1.0)[:, None]  # a row with no live slot (lo >= hi): zeros
         tl.store(o_ptr + b * stride_ob + (h * G + rg)[:, None] * D + rd[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
 def _interpreted() -> bool:
-    return triton is not None and not isinstance(_attn_kernel, triton.runtime.JITFunction)
-
-
-_COUNTERS: dict = {}
-MAX_PAIRS = 1 << 16  # (row, kv head) pairs per call: arrival counters per device
-
-
-def _counters(device) -> torch.Tensor:
-    """The device's arrival counters (zero between calls; allocated once, so CUDA graphs keep them)."""
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(MAX_PAIRS, device=device, dtype=torch.int32)
-    return _COUNTERS[key]
+    return triton is not None and not isinstance(_attn_partial_kernel, triton.runtime.JITFunction)
 
 
 def _chunk(s: int, programs_per_chunk: int, block_s: int, target: int = 512) -> int:
@@ -179,17 +159,17 @@ def decode_attention(q, k_cache, v_cache, lo, hi, scale: float, block_s: int = 6
     if chunk % block_s:
         raise ValueError(f"decode_attention: chunk {chunk} is not a multiple of block_s {block_s}")
     n_chunks = triton.cdiv(s, chunk)
-    if b * hkv > MAX_PAIRS:
-        raise ValueError(f"decode_attention: {b} rows x {hkv} kv heads is more than {MAX_PAIRS} (row, head) pairs")
     m = torch.empty(b * hkv * n_chunks * g, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     acc = torch.empty(b * hkv * n_chunks * g, d, device=q.device, dtype=torch.float32)
     out = torch.empty(b, hq * d, device=q.device, dtype=q.dtype)
-    _attn_kernel[(b, hkv, n_chunks)](
-        q, k_cache, v_cache, lo, hi, m, l_, acc, out, _counters(q.device), s, n_chunks, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+    _attn_partial_kernel[(b, hkv, n_chunks)](
+        q, k_cache, v_cache, lo, hi, m, l_, acc, s, n_chunks, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         G=g, GP=gp, D=d, BLOCK_S=block_s, CHUNK=chunk, DOT_F32=_interpreted(),
         PREC="ieee" if q.dtype == torch.float32 or _interpreted() else "tf32", num_warps=num_warps)
+    _attn_combine_kernel[(b, hkv)](m, l_, acc, out, n_chunks, out.stride(0), G=g, GP=gp, D=d,
+                                   num_warps=num_warps)
     return out
 
 
