@@ -621,6 +621,8 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
     residual = _rows(residual, m, n_out, "residual")
     q, eps = rms if rms is not None else (None, 0.0)
     q = _rows(q, m, k, "rms row")
+    if emit is not None and (emit.shape != (n_out,) or emit.stride(0) != 1):
+        raise ValueError(f"emit must be a contiguous [{n_out}] vector, got shape {tuple(emit.shape)}")
     tiles = np_ // block_n
     n_split, ups = _split(tiles * m, n_units, wide, _n_sms(x2), split, waves)
     x, w, sz, b, _, ws, locks = _launch_args(x2, p, bias, out, n_split, m, np_)

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Session 6, GPU call 5 (H200): decode attention with the chunk combine done by the last-arriving program
-# (one kernel) against the two-kernel version (run5/attention_before.py), in one call: new, before, new again.
+# (one kernel) against the two-kernel version, in one call: new, before, new again. The two-kernel version was
+# written to run5/attention_before.py before the call (`git show f8b3b2d:salience/kernels/attention.py`; the same
+# file is salience/kernels/attention.py again since the one-kernel version was reverted).
 # Tests of the new kernel first. Writes under $OUT.
 export TRITON_DEFAULT_FP_FUSION=1
 timeout 120 python -m pytest -q tests/test_attention_kernel.py tests/test_engine_attn_kernel.py > $OUT/tests_attention.log 2>&1
