@@ -69,7 +69,7 @@ def _decode_logits(model, steps: int = 6):
 
 
 @pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter child (or on CUDA)")
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2"])  # qwen2: bias on q/k/v
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_decode_equals_unfused(w4_triton, name, dtype, monkeypatch):
     """Batch-1 decode logits with the fused kernels are within the dtype's rounding of the unfused ops,
