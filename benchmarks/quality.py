@@ -287,8 +287,10 @@ def write_report(store: Store):
     md += ["## Quantization time and peak host memory", "",
            "Seconds of quantization as each tool measures it in its own process (model loading and writing "
            "excluded; calibration forward passes included) / peak RSS of that process (MiB). The machine was "
-           "shared with other jobs (load average 3-6 on 2 cores): times within a row ran under similar but not "
-           "equal load, times across rows are not comparable. n/a: the first cells measured RSS wrongly "
+           "often shared with other jobs (load average 1-6 on 2 cores) and a cell keeps its latest run: times "
+           "are not comparable across runs (smollm2 INT4 g64: salience's cells are from a run alone on the "
+           "machine, the peers' from loaded ones), only the same-run comparison below is. n/a: the first cells "
+           "measured RSS wrongly "
            "(ru_maxrss counts the parent's peak before the fork).", "",
            "| model | setting | " + " | ".join(LABELS[t] for t in tools) + " |", "|---|---|" + "---:|" * len(tools)]
     for model, gss in GROUPS.items():
