@@ -282,6 +282,8 @@ def test_int4_linear_neighbours_composed_above_one_token():
 
     p, awq = packed(256, 1024, 128)
     assert fuses(p, 1, BF16) and not fuses(p, 3, BF16) and not fuses(p, 1, torch.float32)
+    odd, _ = packed(200, 576, 64)  # 200 rows: no whole GLU tiles of 64 gate + 64 up rows
+    assert fuses(p, 1, BF16, "silu") and fuses(odd, 1, BF16) and not fuses(odd, 1, BF16, "silu")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1024, generator=g).to(BF16).to(DEV)
     q = torch.randn(3, 1024, generator=g).to(BF16).to(DEV)

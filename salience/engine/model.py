@@ -187,9 +187,9 @@ class Int4Linear(nn.Module):
         """neighbours: int4_linear's rms=, glu=, residual=, emit= (Block.fused_forward passes them)."""
         return int4_linear(x, self.p, self.bias, **neighbours)
 
-    def fuses(self, x) -> bool:
+    def fuses(self, x, glu: str | None = None) -> bool:
         """Does the kernel for x take the elementwise neighbours itself (kernels.fuses)?"""
-        return fuses(self.p, x.numel() // x.shape[-1], x.dtype)
+        return fuses(self.p, x.numel() // x.shape[-1], x.dtype, glu)
 
     def extra_repr(self):
         return f"in={self.p.k}, out={self.p.n}, group_size={self.p.group_size}, layout={self.p.layout}"
@@ -306,8 +306,7 @@ class Attention(nn.Module):
         c = self.c
         b, t, _ = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if c.qk_norm else (None, None)
-        qkv = self.wqkv(x, **qkv_kw) if qkv_kw else self.wqkv(x)
-        args = (qkv, cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
+        args = (self.wqkv(x, **(qkv_kw or {})), cos, sin, qn, kn, c.n_heads, c.n_kv, c.head_dim, c.eps, c.norm_offset)
         if rows is None:  # rows 0..B-1, at slots input_pos [T] or [B, T]
             q, k, v = ops.qkv_rope_write(*args, self.k_cache, self.v_cache, input_pos)
             rows = slice(0, b)
@@ -320,7 +319,7 @@ class Attention(nn.Module):
         if isinstance(mask, Span):  # decode: reads the live slots once, writes [B, H * D] directly
             y = decode_attention(q[:, :, 0], self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len], mask.lo,
                                  mask.hi, c.attn_scale or c.head_dim ** -0.5)
-            return self._out(y[:, None], out_kw)
+            return self.wo(y[:, None], **(out_kw or {}))
         if mask is None:  # prompt from slot 0, no padding, no window to apply: causal flash attention
             if g > 1:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -332,10 +331,7 @@ class Attention(nn.Module):
             qg = q.reshape(b, c.n_kv, g * t, c.head_dim)  # rows ordered (head-in-group, token)
             y = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=c.attn_scale)
             y = y.reshape(b, c.n_heads, t, c.head_dim)  # SDPA may return a non-contiguous layout (CUDA)
-        return self._out(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim), out_kw)
-
-    def _out(self, y, out_kw):
-        return self.wo(y, **out_kw) if out_kw else self.wo(y)
+        return self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim), **(out_kw or {}))
 
 
 class Block(nn.Module):
@@ -355,9 +351,9 @@ class Block(nn.Module):
         """Can this block run with its norms, activation and residual adds inside the 4-bit kernels (the
         CUDA GEMV at one token; kernels.fuses)? Not with Gemma's norms (weights applied as 1 + w, and
         gemma3's sandwich norms after a linear)."""
-        lin = (self.attn.wqkv, self.attn.wo, self.w13, self.w2)
+        lin = ((self.attn.wqkv, None), (self.attn.wo, None), (self.w13, self.c.act), (self.w2, None))
         return (not self.c.sandwich and not self.c.norm_offset
-                and all(isinstance(m, Int4Linear) and m.fuses(x) for m in lin))
+                and all(isinstance(m, Int4Linear) and m.fuses(x, glu) for m, glu in lin))
 
     def fused_forward(self, x, xw, next_w, cos, sin, input_pos, mask, kv_len, ops: Ops, rows=None):
         """One token through the block with every elementwise op inside the 4-bit GEMVs (self.fused):

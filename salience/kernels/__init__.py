@@ -17,8 +17,8 @@ Public API
         x [..., K] on packed's device -> [..., N] in x.dtype. Picks the kernel by device and by
         M = x.numel() // K (linear.py says which). rms=(q, eps) / glu="silu"|"gelu_tanh" / residual /
         emit=w: a transformer's elementwise neighbours of the linear (linear.py defines them), inside
-        the kernel where fuses(packed, M, dtype) (the CUDA GEMV at one token), composed from torch ops
-        elsewhere.
+        the kernel where fuses(packed, M, dtype, glu) (the CUDA GEMV at one token; glu= when N is a
+        multiple of 128), composed from torch ops elsewhere.
 
     int4_linear_ref(x, qweight, qzeros, scales, group_size, bias=None) -> Tensor
         The spec (reference.py): plain torch, what every kernel is tested against.

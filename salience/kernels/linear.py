@@ -80,7 +80,7 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
       glu="silu" | "gelu_tanh": W holds [gate; up] rows (N = 2F), the result is act(gate) * up [..., F];
       residual [..., N or F]: the result is residual + y;
       emit=w [N or F]: returns (y, y * w), y * w being the x of a following rms= linear.
-    fuses(p, m, dtype) says whether the kernel does them itself (the CUDA GEMV at one token: no extra
+    fuses(p, m, dtype, glu) says whether the kernel does them itself (the CUDA GEMV at one token: no extra
     launches); otherwise they are composed from torch ops here, the same numbers up to rounding."""
     if x.shape[-1] != p.k:
         raise ValueError(f"x has {x.shape[-1]} features, the linear takes {p.k}")
@@ -94,7 +94,7 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
         x2 = x2.contiguous()
     m = x2.shape[0]
     n_out = p.n // 2 if glu else p.n
-    if m and fuses(p, m, x2.dtype) and (glu is None or p.n % 128 == 0):  # GLU tiles: 64 gate + 64 up rows
+    if m and fuses(p, m, x2.dtype, glu):
         from . import triton_int4
 
         y = triton_int4.gemv(x2, p, bias, rms=rms, glu=glu, residual=residual, emit=emit)
@@ -119,15 +119,16 @@ def int4_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = None
     return (y, y * emit) if emit is not None else y
 
 
-def fuses(p: PackedInt4, m: int, dtype: torch.dtype) -> bool:
+def fuses(p: PackedInt4, m: int, dtype: torch.dtype, glu: str | None = None) -> bool:
     """Whether int4_linear runs rms=, glu=, residual= and emit= inside its kernel for m tokens of this
-    dtype (the CUDA GEMV at m = 1). Where it does not they cost separate torch ops, so a caller that
-    compiles its own elementwise kernels (the engine) passes them only where this is True."""
+    dtype (the CUDA GEMV at m = 1; glu= where p's rows make whole GLU tiles). Where it does not they cost
+    separate torch ops, so a caller that compiles its own elementwise kernels (the engine) passes them only
+    where this is True."""
     if p.layout != "triton":
         return False
     from . import triton_int4
 
-    return triton_int4.fuses(m, dtype)
+    return triton_int4.fuses(m, dtype, p.n, glu)
 
 
 def _cpu_linear(x2, p, bias):

@@ -11,8 +11,9 @@ layout): qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N], G = 
 These few lines repeat salience.packing.dequantize_packed so that kernels/ imports only torch (and
 triton); tests/test_kernels.py checks that the two agree bit for bit.
 
-The elementwise neighbours that int4_linear can fuse into the M = 1 kernels (norm=, act=, residual=) are
-defined here too, as plain torch: rms_norm, act_mul, and the residual add `r + y` (in x's dtype).
+The elementwise math around a transformer's linears is defined here too, as plain torch: rms_norm (the
+engine's norm) and act_mul (what int4_linear's glu= computes; its rms=, residual= and emit= are composed in
+linear.py).
 """
 
 from __future__ import annotations

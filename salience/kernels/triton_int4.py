@@ -61,8 +61,9 @@ SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
 GLU_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # glu= of int4_linear -> the GEMVs' GLU
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
-# (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize)
-_RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE", "stride_rm", "stride_qm", "F"]  # UPG == 1 is worth a variant
+# (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize; UPG == 1 is
+# worth a variant)
+_RUNTIME_INTS = ["M", "N", "K", "n_units", "units_per_split", "ONE", "stride_rm", "stride_qm"]
 ONE = 0x3F800000  # the bits of 1.0f
 _WORDS = tl.constexpr(WORDS)  # int32 words per unit (128 codes) and row
 
@@ -117,15 +118,16 @@ def _rms_scale(acc, ss, K, eps):
 
 
 @triton.jit
-def _store_out(acc, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+def _store_out(acc, rm, rn, cols, M, N, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr):
-    """acc [BM, BN] fp32 over weight rows rn (+ bias[rn]) -> out[rm, cols] in out's dtype, then as
+    """acc [BM, BN] fp32 over weight rows rn of N (+ bias[rn]) -> out[rm, cols] in out's dtype, then as
     int4_linear's neighbours say (each rounded to the dtype where the composed torch ops round):
-      GLU: rn interleaves gate and up rows (_tile_rows): out = act(gate) * up, BN / 2 columns;
+      GLU: rn interleaves gate and up rows (_tile_rows): out = act(gate) * up, BN / 2 columns of N / 2;
       HAS_RES: out = r[rm, cols] + out;  EMIT: also o2[rm, cols] = out * e[cols]."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < (2 * N_out if GLU > 0 else N_out), other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     dt: tl.constexpr = out_ptr.dtype.element_ty
+    n_out = N // 2 if GLU > 0 else N
     if GLU > 0:
         BM: tl.constexpr = acc.shape[0]
         BH: tl.constexpr = acc.shape[1] // 2
@@ -134,19 +136,19 @@ def _store_out(acc, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr
         y = (a.to(dt).to(tl.float32) * u.to(dt).to(tl.float32)).to(dt)
     else:
         y = acc.to(dt)
-    mask = (rm[:, None] < M) & (cols[None, :] < N_out)
+    mask = (rm[:, None] < M) & (cols[None, :] < n_out)
     if HAS_RES:
         r = tl.load(r_ptr + rm[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
     tl.store(out_ptr + rm[:, None] * stride_om + cols[None, :], y, mask=mask)
     if EMIT:
-        e = tl.load(e_ptr + cols, mask=cols < N_out, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + cols, mask=cols < n_out, other=0.0).to(tl.float32)
         tl.store(o2_ptr + rm[:, None] * stride_om + cols[None, :], (y.to(tl.float32) * e[None, :]).to(dt),
                  mask=mask)
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, cols, tile, pid_k, n_split, M, N_out, NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr,
+def _epilogue(acc, rm, rn, cols, tile, pid_k, n_split, M, N, NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr,
               ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
               GLU: tl.constexpr, EMIT: tl.constexpr, SPLIT: tl.constexpr):
     """Write one [BM, BN] tile (_store_out); with split-K the last program of the tile to arrive reduces."""
@@ -160,11 +162,11 @@ def _epilogue(acc, rm, rn, cols, tile, pid_k, n_split, M, N_out, NP, b_ptr, r_pt
             tot = tl.load(ws, mask=row_ok, other=0.0, cache_modifier=".cg")
             for j in range(1, n_split):
                 tot += tl.load(ws + j * M * NP, mask=row_ok, other=0.0, cache_modifier=".cg")
-            _store_out(tot, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+            _store_out(tot, rm, rn, cols, M, N, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
                        HAS_BIAS, HAS_RES, GLU, EMIT)
             tl.atomic_xchg(lock_ptr + tile, 0)
     else:
-        _store_out(acc, rm, rn, cols, M, N_out, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
+        _store_out(acc, rm, rn, cols, M, N, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, stride_om, stride_rm,
                    HAS_BIAS, HAS_RES, GLU, EMIT)
 
 
@@ -184,13 +186,14 @@ def _w_rows(w_ptr, pid_n, BN: tl.constexpr, SWB, SWR):
 
 
 @triton.jit
-def _tile_rows(w_ptr, pid_n, F, BN: tl.constexpr, SWB, SWR, GLU: tl.constexpr):
+def _tile_rows(w_ptr, pid_n, N, BN: tl.constexpr, SWB, SWR, GLU: tl.constexpr):
     """(rows [BN], pointers to their unit 0 [BN], output columns) of GEMV tile pid_n. GLU: the rows of a
-    [gate (F rows); up (F rows)] weight interleaved, gate j then up j for the BN / 2 outputs j of the tile
-    (two runs of BN / 2 contiguous rows), so that the tile's epilogue holds both factors of each output."""
+    [gate (N / 2 rows); up (N / 2 rows)] weight interleaved, gate j then up j for the BN / 2 outputs j of
+    the tile (two runs of BN / 2 contiguous rows), so that the tile's epilogue holds both factors of each
+    output."""
     if GLU > 0:
         a = tl.arange(0, BN)
-        rn = (a % 2) * F + pid_n * (BN // 2) + a // 2
+        rn = (a % 2) * (N // 2) + pid_n * (BN // 2) + a // 2
         ptrs = w_ptr + (rn // 128) * SWB + (rn % 128) * SWR
         cols = pid_n * (BN // 2) + tl.arange(0, BN // 2)
     else:
@@ -257,7 +260,7 @@ def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
-                 stride_qm, ONE, eps, F,
+                 stride_qm, ONE, eps,
                  BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr, RB: tl.constexpr,
                  GLU: tl.constexpr, EMIT: tl.constexpr):
@@ -276,7 +279,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     rs = tl.arange(0, _WORDS)
-    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, F, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
+    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, N, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None] + rs[None, :]  # [BN, 16]
     sz_row = sz_ptr + rn  # [BN]
     x_row = x_ptr + m * stride_xm + rs  # [16]
@@ -317,7 +320,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
     if RMS:
         out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N // (1 + (GLU > 0)),
+    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N,
               NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES,
               GLU, EMIT, SPLIT)
 
@@ -325,7 +328,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr,
                       M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
-                      stride_qm, ONE, eps, F,
+                      stride_qm, ONE, eps,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       STAGES: tl.constexpr, STEP_SUM: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
                       RB: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr):
@@ -347,7 +350,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     m = tl.program_id(2)
     ru = tl.arange(0, U)
     rs = tl.arange(0, _WORDS)
-    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, F, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
+    rn, w_rows, cols = _tile_rows(w_ptr, pid_n, N, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
     x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
     u_lo = pid_k * units_per_split
@@ -382,7 +385,7 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     if RMS:
         out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
-    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N // (1 + (GLU > 0)),
+    _epilogue(out, rm, rn, cols, m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1), M, N,
               NP, b_ptr, r_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr, stride_om, stride_rm, HAS_BIAS, HAS_RES,
               GLU, EMIT, SPLIT)
 
@@ -605,7 +608,7 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
     waves: split-K aims at this many programs per SM. Unset arguments come from _gemv_config.
     rms=(q, eps), glu, residual, emit: int4_linear's fused neighbours (-> (y, y * emit) with emit)."""
     m, k = x2.shape
-    if glu is not None and (p.n % 128 or (block_n or 128) != 128):
+    if glu is not None and (not _glu_tiles(p.n) or (block_n or 128) != 128):
         raise ValueError(f"glu= needs [gate; up] rows in whole tiles of 128 (N = {p.n}, BLOCK_N 128)")
     n_out = p.n // 2 if glu else p.n
     np_, n_units, strides = _w_geometry(p)
@@ -631,7 +634,7 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
             emit if emit is not None else dummy, out, o2, ws, locks,
             m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
             residual.stride(0) if residual is not None else 0, q.stride(0) if q is not None else 0, ONE,
-            float(eps), n_out if glu else 0)
+            float(eps))
     meta = dict(BN=block_n, HAS_BIAS=bias is not None, SPLIT=n_split > 1, HAS_RES=residual is not None,
                 RMS=q is not None, RB=triton.next_power_of_2(k) if q is not None else 16, GLU=GLU_CODES[glu],
                 EMIT=emit is not None, num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
@@ -688,10 +691,16 @@ def dequantize(p, dtype, *, block_n=64, units=2, num_warps=4):
     return out
 
 
-def fuses(m: int, dtype: torch.dtype) -> bool:
-    """Does the kernel for M = m rows of this dtype take int4_linear's rms=, glu=, residual= and emit=
-    itself? (The GEMV does; linear.py composes them from torch ops elsewhere.)"""
-    return m <= GEMV_MAX_M and dtype in (torch.float16, torch.bfloat16)
+def _glu_tiles(n: int) -> bool:
+    """Do N = 2F [gate; up] rows make whole GLU tiles (64 gate + 64 up rows each, _tile_rows)?"""
+    return n % 128 == 0
+
+
+def fuses(m: int, dtype: torch.dtype, n: int, glu: str | None = None) -> bool:
+    """Does the kernel for M = m rows of this dtype and N = n weight rows take int4_linear's rms=, glu=,
+    residual= and emit= itself? (The GEMV does, glu= where the rows make whole GLU tiles; linear.py
+    composes them from torch ops elsewhere.)"""
+    return m <= GEMV_MAX_M and dtype in (torch.float16, torch.bfloat16) and (glu is None or _glu_tiles(n))
 
 
 def linear(x2, p, bias=None):
