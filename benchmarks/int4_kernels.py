@@ -446,9 +446,11 @@ def sweep_gemv(out_dir, ms=(1,)):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     # (session 4: small BLOCK_N 16/32 without split-K, 8 warps and waves 1 never won on the H200; see
     # results/h200/sweep_gemv.log) step_sum: the accumulator summed over words every step (fewer registers)
-    cfgs = [dict(block_n=bn, num_warps=nw, stages=st, waves=wv, wide=u, step_sum=ss)
-            for bn, u, nw in ((128, 1, 4), (128, 2, 4), (64, 2, 4), (64, 4, 4), (128, 1, 8))
-            for st in (2, 3, 4) for wv in (2, 4, 8) for ss in (True, False)]
+    # h2: the fp16x2 math (session 7; its first sweep: h200/s7/run2 with benchmarks/lab/gemv_lab.py --h2)
+    cfgs = [dict(block_n=128, num_warps=nw, stages=st, waves=wv, wide=u, h2=True)
+            for u, nw in ((1, 2), (1, 1), (2, 2), (1, 4)) for st in (3, 4) for wv in (3, 4, 6, 8)]
+    cfgs += [dict(block_n=128, num_warps=4, stages=3, waves=wv, wide=u, step_sum=False, h2=False)
+             for u in (1, 2) for wv in (2, 4)]
     res = []
     for k, n in sweep_shapes():
         awq, ps, ws, tgs = sweep_operands(k, n, l2)
@@ -557,7 +559,7 @@ def floor_m1(out_dir):
     print(f"empty Triton kernel: {res[0]['us']:.2f} us", flush=True)
     variants = {"gemv default": (T.gemv, {}), "gemv stages 1": (T.gemv, dict(stages=1)),
                 "gemv stages 2": (T.gemv, dict(stages=2)), "gemv wide 1": (T.gemv, dict(wide=1)),
-                "gemv step_sum": (T.gemv, dict(step_sum=True))}
+                "gemv fp32 math": (T.gemv, dict(h2=False)), "gemv step_sum": (T.gemv, dict(step_sum=True, h2=False))}
     variants.update({f"gemm bn{bn} split {sp}": (T.gemm, dict(block_n=bn, split=sp))
                      for bn in (128,) for sp in (None, 4, 8)})
     for k, n in ((128, 128), (4096, 4096), (11008, 4096), (4096, 12288), (4096, 22016)):

@@ -120,14 +120,33 @@ def test_gemv(n, k, gs, m, dtype, split, with_bias, block_n):
     (136, 1024, 128, 1, BF16, None, True, 32, 3, 2), (200, 640, 128, 2, F16, 2, False, 64, 2, 4),
     (72, 1280, 256, 1, BF16, 1, False, 16, 3, 4), (8, 640, 128, 1, F16, 3, True, 128, 1, 2),
     (136, 1024, 128, 3, F16, None, False, 64, 4, 1)])
-@pytest.mark.parametrize("step_sum", [True, False])
-def test_gemv_wide(n, k, gs, m, dtype, split, with_bias, block_n, stages, wide, step_sum):
+@pytest.mark.parametrize("math", ["h2", "fp32", "fp32-step-sum"])
+def test_gemv_wide(n, k, gs, m, dtype, split, with_bias, block_n, stages, wide, math):
     """Explicit steps of U units (the default picks U by N), unit tails masked (1280/128 = 10 units, U = 4);
-    the accumulator summed over words every step or once at the end."""
+    the fp16x2 math (default; the interpreter runs its stand-in) or the fp32 math, whose accumulator is
+    summed over words every step or once at the end."""
     p, awq = packed(n, k, gs)
     x, b = inputs(m, k, n, dtype, with_bias, seed=m)
-    y = T.gemv(x, p, b, split=split, block_n=block_n, stages=stages, wide=wide, step_sum=step_sum)
+    y = T.gemv(x, p, b, split=split, block_n=block_n, stages=stages, wide=wide, h2=math == "h2",
+               step_sum=math == "fp32-step-sum")
     check(y, x, awq, gs, b, p)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("mag", [1e-5, 1e-2, 3e2])
+def test_gemv_h2_x_range(mag, dtype):
+    """The fp16x2 math scales x per program by a power of two: activations far from 1 (tiny, or large
+    enough that unscaled fp16 sums of (q - z) x would overflow: 16 x 15 x 9000), with one outlier 30x the
+    rest, keep the reference's accuracy."""
+    n, k, gs = 136, 1024, 128
+    p, awq = packed(n, k, gs)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, k, generator=g) * mag
+    x[0, 5] = 30 * mag
+    x = x.to(dtype).to(DEV)
+    for split in (1, 4):
+        y = T.gemv(x, p, split=split)
+        check(y, x, awq, gs, None, p)
 
 
 GEMM_CASES = pick(

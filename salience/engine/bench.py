@@ -35,7 +35,9 @@ from .generate import Runner, SamplingParams, steps
 
 GPU_BACKENDS = ["engine-w4", "engine-fp16", "hf-eager", "hf-static"]  # run order: compiles last
 # engine-w4 variants (the same 4-bit model): Transformer attributes
-W4_VARIANTS = {"engine-w4": {}, "engine-w4-unfused": {"fuse_linears": False}}
+# engine-w4 ablations: model attributes, or ("kernels", name) for a module default of triton_int4
+W4_VARIANTS = {"engine-w4": {}, "engine-w4-unfused": {"fuse_linears": False},
+               "engine-w4-fp32math": {("kernels", "GEMV_H2"): False}}
 
 
 def _sync(dev):
@@ -150,15 +152,20 @@ def gpu_cases(shapes, batches, prompt_lens, backends):
 
 @contextlib.contextmanager
 def _w4_variant(model, v: dict):
-    """Run an engine-w4 ablation (W4_VARIANTS: model attributes), then restore them."""
-    saved = {k: getattr(model, k) for k in v}
+    """Run an engine-w4 ablation (W4_VARIANTS), then restore what it set."""
+    from salience.kernels import triton_int4
+
+    def target(k):
+        return (triton_int4, k[1]) if isinstance(k, tuple) else (model, k)
+
+    saved = {k: getattr(*target(k)) for k in v}
     for k, val in v.items():
-        setattr(model, k, val)
+        setattr(*target(k), val)
     try:
         yield
     finally:
         for k, val in saved.items():
-            setattr(model, k, val)
+            setattr(*target(k), val)
 
 
 def run_gpu(a) -> list[dict]:

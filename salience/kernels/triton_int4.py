@@ -59,6 +59,7 @@ GEMV_MAX_M = 1  # tokens up to which the GEMV (gemv(): _gemv_wide_kernel or _gem
 GEMM_MAX_M = 256  # above this: dequantize, then cuBLAS
 SPLIT_WAVES = 4  # split-K aims at this many programs per SM
 MAX_SPLIT = 32
+GEMV_H2 = True  # gemv()'s default math for the wide GEMV: fp16x2 (False: fp32; benchmarks flip it for ablations)
 GLU_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # glu= of int4_linear -> the GEMVs' GLU
 # integer arguments that only bound loops and masks: not worth a compiled variant per value class
 # (the strides and row lengths stay specialized: their divisibility by 16 lets loads vectorize; UPG == 1 is
@@ -257,6 +258,114 @@ def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
         return a7
 
 
+# fp16x2 math of the M = 1 GEMV (_gemv_wide_kernel with H2), per 4 words of one row and unit (pack=4):
+#
+#   word (8 nibbles, nibble i = code of k = 16 i + s):   | n7 | n6 | n5 | n4 | n3 | n2 | n1 | n0 |
+#   w        & 0x000F000F | 0x64006400 -> fp16 pair (1024 + n0, 1024 + n4)        x' pair (x'[s],      x'[64 + s])
+#   w        & 0x00F000F0 | 0x64006400 -> fp16 pair (1024 + 16 n1, 1024 + 16 n5)  x' pair (x'[16 + s], x'[80 + s])
+#   (w >> 8) & 0x000F000F | 0x64006400 -> (1024 + n2, 1024 + n6)                  x' pair (x'[32 + s], x'[96 + s])
+#   (w >> 8) & 0x00F000F0 | 0x64006400 -> (1024 + 16 n3, 1024 + 16 n7)            x' pair (x'[48 + s], x'[112 + s])
+#
+# One LOP3 a pair (one shift a word), minus the row's 1024 + z (1024 + 16 z) gives q - z (16 (q - z))
+# exactly (HSUB2), times the x' pair summed in fp16x2 (HFMA2) over the 4 words, the 16 (q - z) sums times
+# 1/16 added (exact), the fp16 pair summed into one fp32: ~1.8 instructions a code against ~4.2 for the fp32
+# math (v12 in kernels_notes.md). x' = x * 2^e with e chosen per program so that |x'| < 1: no fp16 overflow
+# (|sums| <= 8 * 15 and 8 * 240) and fp16's relative precision for everything above 2^-14 of max |x|.
+# The sum of a pack leaves in its first output, the other three are 0.
+_H2_WORD = """
+lop3.b32 t0, $W, msk, mag, 0xea;
+lop3.b32 t1, $W, msk16, mag, 0xea;
+shr.b32 sh, $W, 8;
+lop3.b32 t2, sh, msk, mag, 0xea;
+lop3.b32 t3, sh, msk16, mag, 0xea;
+sub.f16x2 t0, t0, $24;
+sub.f16x2 t1, t1, $28;
+sub.f16x2 t2, t2, $24;
+sub.f16x2 t3, t3, $28;
+"""
+
+
+def _h2_asm() -> str:
+    """PTX for 4 words: outputs $0-$3, inputs words $4-$7, x' pairs t = 0..3 at $8 + 4t + j (word j),
+    1024 + z pairs $24-$27, 1024 + 16 z pairs $28-$31 (the same value four times: one row and unit)."""
+    lines = ["{", ".reg .b32 t0, t1, t2, t3, sh, acc, acc16, msk, msk16, mag, sc;", ".reg .b16 lo, hi;",
+             ".reg .f32 f0, f1;", "mov.b32 msk, 0x000F000F;", "mov.b32 msk16, 0x00F000F0;", "mov.b32 mag, 0x64006400;"]
+    for j in range(4):
+        lines.append(_H2_WORD.replace("$W", f"${4 + j}"))
+        x = [f"${8 + 4 * t + j}" for t in range(4)]
+        op, a, a16 = ("mul.rn.f16x2", "", "") if j == 0 else ("fma.rn.f16x2", ", acc", ", acc16")
+        lines += [f"{op} acc, t0, {x[0]}{a};", f"fma.rn.f16x2 acc, t2, {x[2]}, acc;",
+                  f"{op} acc16, t1, {x[1]}{a16};", f"fma.rn.f16x2 acc16, t3, {x[3]}, acc16;"]
+    lines += ["mov.b32 sc, 0x2C002C00;", "fma.rn.f16x2 acc, acc16, sc, acc;", "mov.b32 {lo, hi}, acc;",
+              "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "mov.b32 $1, 0;", "mov.b32 $2, 0;",
+              "mov.b32 $3, 0;", "}"]
+    return "\n".join(lines)
+
+
+_H2_ASM = tl.constexpr(_h2_asm())
+_H2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 28))
+
+
+@triton.jit
+def _x_scale(x_row, k_lo, k_hi, XC: tl.constexpr):
+    """(2^e, 2^-e) with |x[k] * 2^e| < 1 for k in [k_lo, k_hi): e from the exponent of max |x| there (the
+    scale clamped to [2^-126, 2^14])."""
+    amax = 0.0
+    for k0 in range(k_lo, k_hi, XC):
+        r = k0 + tl.arange(0, XC)
+        amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_row + r, mask=r < k_hi, other=0.0).to(tl.float32)), axis=0))
+    e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 112), 252)  # biased exponent
+    return ((253 - e) << 23).to(tl.float32, bitcast=True), ((e + 1) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x16(ptrs, mask, scale):
+    """x' = x * scale in fp16 (scale a power of two: exact but for fp16 subnormals); fp16 x is scaled in
+    fp16, others through fp32."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if x.dtype == tl.float16:
+        return x * scale.to(tl.float16)
+    return (x.to(tl.float32) * scale).to(tl.float16)
+
+
+@triton.jit
+def _pair16(a, b):
+    """fp16 tensors a, b -> int32 holding a in the low half, b in the high half."""
+    return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _h2_unit(words, sz, xb, xo, scale, EMULATE: tl.constexpr):
+    """One step of the fp16x2 GEMV: sum_i (q_i - z) x'[16 i + s] * s_row for words [BN, U, 16] (a
+    [BN, U, 16] fp32 term whose sum over words is the step's contribution), x' from xb = x of the units
+    ([U, 16] pointers of nibble 0; masked by xo [U, 1]). EMULATE (Triton's CPU interpreter, which runs no
+    inline PTX): the same sum with fp32 products of the fp16 x'."""
+    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, U]
+    z = (sz >> 16) & 0xF
+    x0 = _x16(xb, xo, scale)
+    x1 = _x16(xb + 16, xo, scale)
+    x2 = _x16(xb + 32, xo, scale)
+    x3 = _x16(xb + 48, xo, scale)
+    x4 = _x16(xb + 64, xo, scale)
+    x5 = _x16(xb + 80, xo, scale)
+    x6 = _x16(xb + 96, xo, scale)
+    x7 = _x16(xb + 112, xo, scale)
+    if EMULATE:
+        r = tl.zeros(words.shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            q = ((words >> (4 * i)) & 0xF) - z[:, :, None]
+            r += q.to(tl.float32) * _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)[None, :, :]
+    else:
+        zz = tl.zeros(words.shape, dtype=tl.int32)
+        r = tl.inline_asm_elementwise(
+            _H2_ASM, _H2_CONSTRAINTS,
+            [words, zz + _pair16(x0, x4)[None, :, :], zz + _pair16(x1, x5)[None, :, :],
+             zz + _pair16(x2, x6)[None, :, :], zz + _pair16(x3, x7)[None, :, :],
+             zz + ((0x6400 | z) * 0x10001)[:, :, None], zz + ((0x6400 | (z << 4)) * 0x10001)[:, :, None]],
+            dtype=tl.float32, is_pure=True, pack=4)
+    return r * s[:, :, None]
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om, stride_rm,
@@ -331,7 +440,8 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
                       stride_qm, ONE, eps,
                       BN: tl.constexpr, U: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       STAGES: tl.constexpr, STEP_SUM: tl.constexpr, HAS_RES: tl.constexpr, RMS: tl.constexpr,
-                      RB: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr):
+                      RB: tl.constexpr, GLU: tl.constexpr, EMIT: tl.constexpr, H2: tl.constexpr,
+                      EMULATE: tl.constexpr):
     """_gemv_kernel's math for group sizes that are multiples of 128 and K % 128 == 0, reading U
     consecutive units per step: [BN, U, 16] words. A loop given num_stages (tl.range) has all its
     loads pipelined by Triton, dot or no dot, as cp.async copies into a STAGES-deep ring of shared
@@ -344,6 +454,9 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
         sum_s (16 s p[s] + c xs[s]) = 16 s P + c X.
     NCU (H200, 7B qkv, without it): 165 registers a thread, 3 programs per SM, 2.45 warps per scheduler
     of which 1.06 eligible: latency-bound at low occupancy; this frees ~30 registers a thread.
+    H2 (the default on CUDA): fp16x2 math (_h2_unit, ~1.8 instead of ~4.2 instructions a code: 1.04-1.34x
+    faster on the H200, kernels_notes.md v12) on x' = x * 2^e, e per program (_x_scale); EMULATE: its
+    stand-in for the CPU interpreter.
     RMS, GLU, HAS_RES, EMIT: as in _gemv_kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -356,6 +469,10 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
+    scale = 1.0
+    unscale = 1.0
+    if H2:
+        scale, unscale = _x_scale(x_ptr + m * stride_xm, u_lo * 128, u_hi * 128, 512)
     if STEP_SUM:
         acc = tl.zeros([BN, U], dtype=tl.float32)
     else:
@@ -363,25 +480,28 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     for u in tl.range(u_lo, u_hi, U, num_stages=STAGES):
         uok = (u + ru) < u_hi  # [U]
         words = tl.load(w_base + u * SWU, mask=uok[None, :, None], other=0)
-        s16, c = _scale_zero(tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None],
-                                     mask=uok[None, :], other=0))  # [BN, U]
-        for i in tl.static_range(8):
-            xi = tl.load(x_base + u * 128 + i * 16, mask=uok[:, None], other=0.0).to(tl.float32)  # [U, 16]
-            v = _nibble_f32(words, i, ONE)  # [BN, U, 16]
-            if i == 0:
-                p = v * xi[None, :, :]
-                xs = xi
-            else:
-                p += v * xi[None, :, :]
-                xs += xi
-        if STEP_SUM:
-            acc += tl.sum(p, axis=2) * s16 + c * tl.sum(xs, axis=1)[None, :]  # [BN, U]
+        sz = tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None], mask=uok[None, :], other=0)  # [BN, U]
+        if H2:
+            acc += _h2_unit(words, sz, x_base + u * 128, uok[:, None], scale, EMULATE)
         else:
-            acc += p * s16[:, :, None] + xs[None, :, :] * c[:, :, None]
+            s16, c = _scale_zero(sz)
+            for i in tl.static_range(8):
+                xi = tl.load(x_base + u * 128 + i * 16, mask=uok[:, None], other=0.0).to(tl.float32)  # [U, 16]
+                v = _nibble_f32(words, i, ONE)  # [BN, U, 16]
+                if i == 0:
+                    p = v * xi[None, :, :]
+                    xs = xi
+                else:
+                    p += v * xi[None, :, :]
+                    xs += xi
+            if STEP_SUM:
+                acc += tl.sum(p, axis=2) * s16 + c * tl.sum(xs, axis=1)[None, :]  # [BN, U]
+            else:
+                acc += p * s16[:, :, None] + xs[None, :, :] * c[:, :, None]
     if STEP_SUM:
         out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :] * unscale
     if RMS:
         out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
@@ -585,27 +705,33 @@ def _reg_cap(maxnreg):
     return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 
-def _gemv_config(np_: int, k: int):
-    """(BLOCK_N, units per step, split-K waves, stages, STEP_SUM) of _gemv_wide_kernel, from the H200
+def _gemv_config(np_: int, k: int, h2: bool = True):
+    """(BLOCK_N, units per step, split-K waves, stages, STEP_SUM, num_warps) of _gemv_wide_kernel.
+    With the fp16x2 math (h2): one unit a step, 4 programs per SM of 2 warps, 3 stages, the best or within
+    3 % of the best of 11 configurations on each of the 9 7B/8B shapes in fp16 and bf16 (h200/s7/run2).
+    With the fp32 math: from the H200
     sweeps of the tiled layout (benchmarks/results/h200/: kernels_sweep_layout.json, stepsum/): BLOCK_N
     128 everywhere; two units a step on wide matrices, fewer programs per SM on the tallest and on long
     K; the per-step word sum only on the tallest (8B lm_head 101 -> 96 us), where it wins (it costs
     5-18 % on o_proj and down_proj)."""
+    if h2:
+        return 128, 1, 4, 3, False, 2
     if k >= 8192:  # down_proj: 11008 / 14336 inputs
-        return 128, 1, 2, 4, False
+        return 128, 1, 2, 4, False, 4
     if np_ <= 8192:  # o_proj, 8B qkv
-        return 128, 1, 2, 3, False
+        return 128, 1, 2, 3, False, 4
     if np_ >= 24576:  # 8B gate_up, lm_heads
-        return 128, 2, 2, 3, True
-    return 128, 2, 4, 3, False  # 7B qkv and gate_up
+        return 128, 2, 2, 3, True, 4
+    return 128, 2, 4, 3, False, 4  # 7B qkv and gate_up
 
 
 def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, block_n=None, split=None,
-         num_warps=4, maxnreg=None, wide=None, waves=None, stages=None, step_sum=None):
+         num_warps=None, maxnreg=None, wide=None, waves=None, stages=None, step_sum=None, h2=None):
     """CUDA-core GEMV with split-K, one token per program (meant for M = 1; any M works).
     Group sizes that are multiples of 128 with K % 128 == 0 (the usual checkpoints) take
-    _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring); others _gemv_kernel.
-    waves: split-K aims at this many programs per SM. Unset arguments come from _gemv_config.
+    _gemv_wide_kernel (`wide` units per step, a `stages`-deep cp.async ring; h2: its fp16x2 math, False
+    for the fp32 math), others _gemv_kernel (fp32 math). waves: split-K aims at this many programs per SM.
+    Unset arguments come from _gemv_config.
     rms=(q, eps), glu, residual, emit: int4_linear's fused neighbours (-> (y, y * emit) with emit)."""
     m, k = x2.shape
     if glu is not None and (not _glu_tiles(p.n) or (block_n or 128) != 128):
@@ -614,8 +740,11 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
     np_, n_units, strides = _w_geometry(p)
     sub, upg = _geometry(p)
     use_wide = sub == 1 and k % UNIT == 0
-    bn0, wide0, waves0, stages0, sum0 = _gemv_config(np_, k) if use_wide else (128, 1, SPLIT_WAVES, 1, False)
-    stages = stages or stages0
+    h2 = (GEMV_H2 if h2 is None else h2) and use_wide
+    bn0, wide0, waves0, stages0, sum0, nw0 = _gemv_config(np_, k, h2) if use_wide else (128, 1, SPLIT_WAVES, 1, False, 4)
+    if h2 and step_sum:
+        raise ValueError("step_sum is a variant of the fp32 math (h2=False)")
+    stages, num_warps = stages or stages0, num_warps or nw0
     step_sum = sum0 if step_sum is None else step_sum
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
     _check_block_n(block_n)
@@ -640,7 +769,7 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
                 EMIT=emit is not None, num_warps=num_warps, num_stages=1, **_reg_cap(maxnreg))
     if use_wide:
         _gemv_wide_kernel[(tiles, n_split, m)](
-            *args, U=wide, STAGES=stages, STEP_SUM=step_sum, **meta)
+            *args, U=wide, STAGES=stages, STEP_SUM=step_sum, H2=h2, EMULATE=_interpreted(), **meta)
     else:
         _gemv_kernel[(tiles, n_split, m)](*args, SUB=sub, MASK_K=(k % UNIT != 0), **meta)
     return (out, o2) if emit is not None else out
