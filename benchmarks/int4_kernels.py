@@ -748,6 +748,7 @@ def main():
     ap.add_argument("--stem", default="kernels")
     ap.add_argument("--deadline", type=float, default=None, help="GPU: stop starting new shapes after s")
     ap.add_argument("--one", default=None, help="GPU: run one case untimed, kernel:K:N:M (for ncu)")
+    ap.add_argument("--ms", type=int, nargs="+", default=None, help="GPU: only these token counts (use with --stem)")
     a = ap.parse_args()
     if a.one:
         run_one(a.one)
@@ -780,6 +781,7 @@ def main():
     if a.quick:
         models = {"Llama-2-7B": GPU_MODELS["Llama-2-7B"][:4]}
         ms = [1, 4, 16, 64, 512]
+    ms = a.ms or ms
     print(GPU_HEADER, flush=True)
     res = bench_gpu(models, ms, with_gemlite=not a.no_gemlite, deadline_s=a.deadline,
                     save=lambda r: write_gpu(r, a.stem, a.out))

@@ -228,6 +228,10 @@ def test_kernels_read_any_strides():
     assert torch.equal(T.dequantize(p, BF16), T.dequantize(q, BF16))
     with pytest.raises(ValueError, match="divide 128"):
         T.gemv(x, p, block_n=96)
+    with pytest.raises(ValueError, match="fp16x2 GEMV needs"):  # 16 rows x 16 words = 2 words a thread
+        T.gemv(x, p, block_n=16, num_warps=4)
+    with pytest.raises(ValueError, match="variant of the fp32 math"):
+        T.gemv(x, p, step_sum=True)
 
 
 def test_split_k_is_deterministic():

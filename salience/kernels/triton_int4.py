@@ -5,7 +5,8 @@ judged by effective bandwidth (bytes of weights, scales, zeros, x and out per ca
 
   _gemv_wide_kernel  M = 1, CUDA cores, group sizes that are multiples of 128 (most checkpoints).
                    Programs own BLOCK_N rows and a K range (split-K), U units per step; Triton's
-                   software pipeliner streams the words, x and scales through a cp.async ring.
+                   software pipeliner streams the words, x and scales through a cp.async ring. Its
+                   math is fp16x2 by inline PTX (_h2_unit, drawn above _H2_WORD), or fp32 (h2=False).
   _gemv_kernel     M = 1, group sizes 32/64 or K not a multiple of 128: the same math, the next
                    unit's words, scales and x loaded by hand while the current one computes.
   _gemm_kernel     M up to a few hundred: a [BLOCK_N, 16] slice of codes, made 16-bit floats in
@@ -18,13 +19,11 @@ the output, act(gate) * up from tiles of interleaved gate and up rows, the resid
 next RMS= linear's input) in the epilogue. That removes the batch-1 decode step's norm and activation
 kernels (kernels_notes.md, session 6).
 
-Measured on an H100 (benchmarks/results/h100/kernels.md, kernels_notes.md): 1.0-2.2 TB/s effective at
-M = 1, short of the 2.5-3 TB/s the hardware allows; on an H200 (4.8 TB/s datasheet, ~4.3 measured by a
-copy) 1.1-2.7 TB/s with the tiled layout (results/h200/). Not for lack of bytes in flight (a deeper
-cp.async ring did not help) nor of instruction throughput alone (fp16x2 math with 35 % fewer
-instructions did not help either; kernels_notes.md): these 8-65 MB matrices give each SM 2-8 short
-programs, and the ramp-up and split-K tail of each launch weigh as much as the streaming; the tiles of
-128 rows x 128 codes stored contiguously (layout.py) gave 0-4 % at M = 1 and 2-10 % at M = 4-64.
+Measured on an H200 (4.8 TB/s datasheet, ~4.3 measured by a copy; kernels_m1.md, kernels_notes.md):
+1.0-3.6 TB/s effective at M = 1 with the fp16x2 math (1.04-1.34x the fp32 math). Not for lack of bytes in
+flight (a deeper cp.async ring did not help): with the math replaced by one multiply a word the same
+programs reach 1.3 TB/s (o_proj, 8 MB) to 4.0 TB/s (65 MB): the small matrices give each SM a few short
+programs whose ramp-up and split-K tail weigh as much as the streaming.
 
 Dequantization without an int->float convert (those run at 1/4 rate on Hopper). The bits
 0x3F800000 | (q << 19) are the fp32 number v = 1 + q/16, and
@@ -707,14 +706,18 @@ def _reg_cap(maxnreg):
 
 def _gemv_config(np_: int, k: int, h2: bool = True):
     """(BLOCK_N, units per step, split-K waves, stages, STEP_SUM, num_warps) of _gemv_wide_kernel.
-    With the fp16x2 math (h2): one unit a step, 4 programs per SM of 2 warps, 3 stages, the best or within
-    3 % of the best of 11 configurations on each of the 9 7B/8B shapes in fp16 and bf16 (h200/s7/run2).
+    With the fp16x2 math (h2), one unit a step and 3 stages (h200/s7/run2 and run5 sweeps, 7B/8B shapes):
+    2 warps a program and 4 programs per SM, within 0-7 % of the best on every shape; 4096 x 4096 (o_proj)
+    4 warps and 2 programs per SM (7.9 against 8.2 us for the fp32 math, where 4 per SM took 8.9). (1 warp
+    and 8 per SM won the 8B gate_up alone, 24.3 -> 22.8 us, yet cost the 8B decode step 2.5 %: run6.)
     With the fp32 math: from the H200
     sweeps of the tiled layout (benchmarks/results/h200/: kernels_sweep_layout.json, stepsum/): BLOCK_N
     128 everywhere; two units a step on wide matrices, fewer programs per SM on the tallest and on long
     K; the per-step word sum only on the tallest (8B lm_head 101 -> 96 us), where it wins (it costs
     5-18 % on o_proj and down_proj)."""
     if h2:
+        if np_ * k <= 4096 * 4096:
+            return 128, 1, 2, 3, False, 4
         return 128, 1, 4, 3, False, 2
     if k >= 8192:  # down_proj: 11008 / 14336 inputs
         return 128, 1, 2, 4, False, 4
@@ -744,9 +747,15 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
     bn0, wide0, waves0, stages0, sum0, nw0 = _gemv_config(np_, k, h2) if use_wide else (128, 1, SPLIT_WAVES, 1, False, 4)
     if h2 and step_sum:
         raise ValueError("step_sum is a variant of the fp32 math (h2=False)")
-    stages, num_warps = stages or stages0, num_warps or nw0
-    step_sum = sum0 if step_sum is None else step_sum
+    stages, step_sum = stages or stages0, sum0 if step_sum is None else step_sum
     block_n, wide, waves = block_n or bn0, wide or wide0, waves or waves0
+    # the fp16x2 math takes each thread's words 4 at a time (one row and unit): a tile needs >= 4 words a
+    # thread, BLOCK_N * U * 16 >= 4 * 32 * num_warps
+    h2_warps = max(1, block_n * wide // 8)
+    if h2 and num_warps is not None and num_warps > h2_warps:
+        raise ValueError(f"the fp16x2 GEMV needs BLOCK_N * U >= 8 * num_warps (got {block_n} * {wide}, "
+                         f"{num_warps} warps); use fewer warps or h2=False")
+    num_warps = num_warps or (min(nw0, h2_warps) if h2 else nw0)
     _check_block_n(block_n)
     out = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     o2 = torch.empty_like(out) if emit is not None else out
