@@ -214,25 +214,24 @@ def run(a, store: Store):
             ctag = calib if a.rows == 128 else f"{calib}@{a.rows}"
             key = cell_key(model, bits, gs, tool, ctag)
             rec = store.get(key) or {}
+            d = work / model
+            out = d / f"{tool}-{ctag}-w{bits}g{gs}.safetensors"
             # in full mode wiki-eval is not wiki: the robustness study also needs the table's calibration
             # evaluated on wiki-eval (in quick mode their 64 windows are the same)
             also_eval = calib == a.calib[0] and len(a.calib) > 1 and wtag != "64"
             if not a.redo and "error" not in rec and wtag in rec.get("ppl", {}):
                 if also_eval and wtag not in rec.get("ppl_wiki_eval", {}):
-                    out = work / model / f"{tool}-{ctag}-w{bits}g{gs}.safetensors"
                     rec.setdefault("ppl_wiki_eval", {})[wtag] = ev.ppl(load_file(str(out)), "wiki-eval")
                     store.put(key, rec)
                     print(key, rec, flush=True)
                 continue
             if "error" in rec and not a.redo:
                 continue
-            d = work / model
             d.mkdir(parents=True, exist_ok=True)
             rows_file = d / f"rows-{calib}-{a.rows}x512.safetensors"
             if not rows_file.exists():
                 save_file({"rows": calibration_rows(ev.tok, load_text(calib), a.rows, 512, seed=0)},
                           str(rows_file))
-            out = d / f"{tool}-{ctag}-w{bits}g{gs}.safetensors"
             if not out.exists() or a.redo or not rec.get("quantize_seconds"):
                 res = run_tool(tool, peers, folder, rows_file, bits, gs, out, a.timeout)
                 if "error" in res:
@@ -241,10 +240,11 @@ def run(a, store: Store):
                     continue
                 rec.update(res)
             source = "wiki-eval" if calib != a.calib[0] else "wiki"
-            rec.setdefault("ppl", {})[wtag] = ev.ppl(load_file(str(out)), source)
+            weights = load_file(str(out))
+            rec.setdefault("ppl", {})[wtag] = ev.ppl(weights, source)
             rec["eval_source"] = source
             if also_eval:
-                rec.setdefault("ppl_wiki_eval", {})[wtag] = ev.ppl(load_file(str(out)), "wiki-eval")
+                rec.setdefault("ppl_wiki_eval", {})[wtag] = ev.ppl(weights, "wiki-eval")
             store.put(key, rec)
             print(key, rec, flush=True)
 

@@ -82,11 +82,16 @@ def _nibble_f32(words, i: tl.constexpr, one):
 
 
 @triton.jit
+def _sz_fields(sz):
+    """Packed int32 (fp16 scale bits | zero << 16) -> scale s (fp32) and zero z (int32)."""
+    return (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), (sz >> 16) & 0xFF
+
+
+@triton.jit
 def _scale_zero(sz):
     """Packed int32 (fp16 scale bits | zero << 16) -> 16*s and c = -(16 + z)*s, fp32."""
-    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    z = ((sz >> 16) & 0xFF).to(tl.float32)
-    return s * 16.0, -(z + 16.0) * s
+    s, z = _sz_fields(sz)
+    return s * 16.0, -(z.to(tl.float32) + 16.0) * s
 
 
 @triton.jit
@@ -339,8 +344,7 @@ def _h2_unit(words, sz, xb, xo, scale, EMULATE: tl.constexpr):
     [BN, U, 16] fp32 term whose sum over words is the step's contribution), x' from xb = x of the units
     ([U, 16] pointers of nibble 0; masked by xo [U, 1]). EMULATE (Triton's CPU interpreter, which runs no
     inline PTX): the same sum with fp32 products of the fp16 x'."""
-    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, U]
-    z = (sz >> 16) & 0xF
+    s, z = _sz_fields(sz)  # [BN, U]; z < 16
     x0 = _x16(xb, xo, scale)
     x1 = _x16(xb + 16, xo, scale)
     x2 = _x16(xb + 32, xo, scale)
@@ -468,8 +472,6 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
-    scale = 1.0
-    unscale = 1.0
     if H2:
         scale, unscale = _x_scale(x_ptr + m * stride_xm, u_lo * 128, u_hi * 128, 512)
     if STEP_SUM:
@@ -500,7 +502,9 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     if STEP_SUM:
         out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :] * unscale
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    if H2:
+        out = out * unscale  # back from x' = x * 2^e
     if RMS:
         out = _rms_scale(out, ss, K, eps)
     rm = m + tl.arange(0, 1)
@@ -586,10 +590,9 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                     part = tl.dot(wi, tl.trans(xd), part)
                     xs += xf
                 if i % NPG == NPG - 1:
-                    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    z = ((sz >> 16) & 0xFF).to(tl.float32)
+                    s, z = _sz_fields(sz)
                     X = tl.sum(xs, axis=1)  # [BM]
-                    acc += part * s[:, None] - ((z + B) * s)[:, None] * X[None, :]
+                    acc += part * s[:, None] - ((z.to(tl.float32) + B) * s)[:, None] * X[None, :]
             else:
                 acc = tl.dot(wi, tl.trans(xd), acc)
     tile = pid_m * tl.num_programs(0) + pid_n
