@@ -61,12 +61,19 @@ class SearchConfig:
     # 0.3, 1, 3, 10: the best mean relative improvement of that perplexity over nearest rounding across
     # SmolLM2 g64 and Gemma-3-270M g128 (benchmarks/results/ablation-choice-heldout.md; damping 3 was a close
     # second there, and the better one on wiki)
+    # "tune" (salience.tune): codes and range shrinks tuned by signed gradient descent on the error of the
+    # whole block's output, tune_steps steps of tune_rows calibration rows each, from the nearest rounding on
+    # the searched grid (kept only if better over all calibration rows)
     rounding: str = "nearest"
     gptq_damp: float = 1.0
+    tune_steps: int = 200
+    tune_rows: int = 4
 
     def __post_init__(self):
-        if self.rounding not in ("nearest", "gptq"):
-            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if self.rounding not in ("nearest", "gptq", "tune"):
+            raise ValueError(f"rounding must be 'nearest', 'gptq' or 'tune', got {self.rounding!r}")
+        if self.tune_steps < 1 or self.tune_rows < 1:
+            raise ValueError("tune_steps and tune_rows must be positive")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
         if self.formula not in ("x", "duo", "both"):

@@ -40,10 +40,16 @@ def _add_calib_args(p):
                    help="after the alpha grid, try this many finer alphas each side of the best (default 0)")
     p.add_argument("--propagate", action="store_true",
                    help="feed each block the previous block's quantized output (default: full precision)")
-    p.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
-                   help="codes on the searched grid: round-to-nearest (default, the reference), or GPTQ's "
+    p.add_argument("--rounding", choices=["nearest", "gptq", "tune"], default="nearest",
+                   help="codes on the searched grid: round-to-nearest (default, the reference), GPTQ's "
                    "column-by-column rounding with error feedback through the input Gram (keeps the block's "
-                   "full Grams: Llama-2-7B +0.64 GiB, 70B +3.8 GiB)")
+                   "full Grams: Llama-2-7B +0.64 GiB, 70B +3.8 GiB), or tune: codes and ranges tuned by signed "
+                   "gradient descent on each block's output error (--tune-steps forward and backward passes "
+                   "of the block a block; a copy of the block's input)")
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help="--rounding tune: steps per block (default SearchConfig.tune_steps)")
+    p.add_argument("--tune-rows", type=int, default=None,
+                   help="--rounding tune: calibration rows per step (default SearchConfig.tune_rows)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default: "
                    "SearchConfig.gptq_damp, the damping with the lowest perplexity on a held-out text, "
@@ -93,7 +99,8 @@ def _search_config(a):
                         loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20,
                         refine=a.refine, propagate=a.propagate,
                         rounding=a.rounding,
-                        **({} if a.gptq_damp is None else {"gptq_damp": a.gptq_damp}))  # else SearchConfig's
+                        **{k: v for k, v in (("gptq_damp", a.gptq_damp), ("tune_steps", a.tune_steps),
+                                             ("tune_rows", a.tune_rows)) if v is not None})  # else SearchConfig's
 
 
 def _default_out(model, bits, gs, method):

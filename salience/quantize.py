@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import awq, gptq, moe
+from . import awq, gptq, moe, tune
 from .arch import Arch, ScaleGroup, get_module
 from .lazy import InMemoryBlocks
 from .quant import QuantConfig, compute_qparams, dequantize, quantize
@@ -460,7 +460,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
 
     # compensated modules (routers) read all tokens of their group: the group's activation statistic
     watched = {**lins, **{n: get_module(block, n) for g in applying for n in g.compensate}} if scfg else {}
-    x_in = x.clone() if scfg is not None and scfg.propagate else None  # `out` may overwrite x below
+    tuning = scfg is not None and scfg.rounding == "tune"
+    # `out` may overwrite x below: propagation and tuning read the block's input after the last pass
+    x_in = x.clone() if scfg is not None and (scfg.propagate or tuning) else None
 
     search: dict[str, torch.Tensor] = {}
     in_scale: dict[str, torch.Tensor] = {}  # linear -> scale applied to its input columns
@@ -523,6 +525,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                 del gm
 
     linears: dict[str, LinearResult] = {}
+    tune_start: dict[str, tuple] = {}  # linear -> its searched range (clip_min, clip_max), tuned together
     for name, lin in lins.items():
         w = lin.weight
         clip_min = clip_max = None
@@ -540,11 +543,23 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
                                                  asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
+        if tuning and stats.has(name):
+            tune_start[name] = (clip_min, clip_max)  # quantized below, all of the block's at once
+            continue
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
         linears[name] = quantize_linear(w, qcfg, clip_min, clip_max, g=g_full,
                                         damp=scfg.gptq_damp if g_full is not None else None)
         del g_full
     ph.end("clip_quantize")
+    if tune_start:
+        tuned, ranges, report["tune"] = tune.tune_block(block, tune_start, x_in, y, calls, batch_size, qcfg,
+                                                        scfg.tune_steps, scfg.tune_rows)
+        for name, (codes, scales, zeros) in tuned.items():
+            linears[name] = LinearResult(codes, scales, zeros)
+            lin = lins[name]
+            lin.weight.copy_(dequantize(codes, scales, zeros, qcfg, dtype=lin.weight.dtype))
+            search[f"tuned_min.{name}"], search[f"tuned_max.{name}"] = (t.cpu() for t in ranges[name])
+        ph.end("tune")
     if x_in is not None:  # the next block's input: this block's output with its quantized weights
         _forward(block, x_in, calls, batch_size, out=y)
         del x_in

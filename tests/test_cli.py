@@ -127,3 +127,15 @@ def test_missing_calibration_file(folder, tmp_path, capsys):
     err = _err(["quantize", "--model", str(folder), "--out", str(tmp_path / "o"), "--group-size", "32",
                 "--calib", str(tmp_path / "missing.txt")], capsys)
     assert "not found" in err
+
+
+def test_quantize_tuned_rounding(folder, text, tmp_path):
+    """--rounding tune with its step and row counts reaches the search config the report records."""
+    out = tmp_path / "t"
+    assert main(["quantize", "--model", str(folder), "--out", str(out), "--group-size", "32", "--calib",
+                 str(text), "--calib-rows", "4", "--seqlen", "32", "--rounding", "tune", "--tune-steps", "3",
+                 "--tune-rows", "2"]) == 0
+    rep = json.loads((out / "salience_report.json").read_text())
+    assert rep["search"]["rounding"] == "tune" and rep["search"]["tune_steps"] == 3
+    assert rep["search"]["tune_rows"] == 2
+    assert all(b["tune"]["steps"] == 3 and b["tune"]["rows"] == 2 for b in rep["blocks"])
