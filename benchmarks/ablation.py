@@ -50,6 +50,8 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + tuned rounding (100 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=100, tune_rows=4),
     "default + tuned rounding (200 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=200, tune_rows=4),
     "default + tuned rounding (400 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=400, tune_rows=4),
+    "default + tuned rounding on propagated inputs (200 steps of 4 rows)": SearchConfig(
+        rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
 }
 DEFAULT = "+ asymmetric clip (the default since the first ablation)"  # nearest rounding, the shipped default
 CALIB, EVAL = "lee", "wiki"

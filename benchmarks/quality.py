@@ -49,13 +49,16 @@ TOOLS = {
     # opt-in GPTQ rounding on the AWQ grid, damping SearchConfig.gptq_damp (chosen on a held-out text:
     # benchmarks/results/ablation-choice-heldout.md)
     "salience-gptq": (None, "salience_run.py", ["--method", "awq", "--rounding", "gptq"]),
+    # opt-in block-wise tuning of codes and ranges (salience.tune), SearchConfig's steps and rows
+    "salience-tune": (None, "salience_run.py", ["--method", "awq", "--rounding", "tune"]),
     "llmc-awq": ("llmc", "llmc_run.py", ["--method", "awq"]),
     "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
     "hqq": ("hqq", "hqq_run.py", []),
 }
 CALIBRATION_FREE = ("rtn", "hqq")
-OURS = ("salience", "salience-gptq")  # the tools of the calibration-robustness study
+OURS = ("salience", "salience-gptq", "salience-tune")  # the tools of the calibration-robustness study
 LABELS = {"rtn": "RTN", "salience": "salience AWQ", "salience-gptq": "salience AWQ + GPTQ rounding (opt-in)",
+          "salience-tune": "salience AWQ + tuning (opt-in)",
           "llmc-awq": "llm-compressor AWQ",
           "llmc-gptq": "llm-compressor GPTQ", "hqq": "HQQ (no calibration)"}
 # Tools that were tried and cannot give a fair row on this machine: the table says why.

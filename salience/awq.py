@@ -49,6 +49,8 @@ class SearchConfig:
     refine: int = 0
     # the next block's input is the quantized block's output (default: the full-precision output, as the
     # reference does): later blocks then search scales against the error that really reaches them
+    # (with rounding "tune": each block is tuned on the quantized model's activations against the
+    # full-precision model's output, a second activation buffer; see quantize_block's x_fp)
     propagate: bool = False
     # codes: "nearest" (round-to-nearest on the searched grid, the reference) or "gptq" (salience.gptq: the
     # same grid, the columns rounded in order with GPTQ's error feedback through the Gram of the linear's

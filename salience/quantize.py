@@ -382,7 +382,8 @@ class _Phases:
 @torch.no_grad()
 def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: Arch, qcfg: QuantConfig,
                    scfg: awq.SearchConfig | None, batch_size: int, out: torch.Tensor | None = None,
-                   gram_bytes: float = math.inf, before_write=None, gram_whole_max: float = math.inf):
+                   gram_bytes: float = math.inf, before_write=None, gram_whole_max: float = math.inf,
+                   x_fp: torch.Tensor | None = None):
     """Quantize one block in place (weights become their dequantized values) and return
     (BlockResult, the block's full-precision output [n_rows, seqlen, hidden]).
 
@@ -410,7 +411,11 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     holds all of them at once, whatever gram_bytes says: one K^2 fp32 per distinct input (Llama-2-7B: 3 x
     4096^2 + 11008^2 floats = 0.64 GiB; 70B: 8192^2 x 3 + 28672^2 floats = 3.8 GiB; an MoE block one per
     routed expert, which can be far more), plus one scaled copy and an fp64 factorisation of the linear being
-    quantized (K^2 x 12 bytes more, transiently). Its Grams are never cut into panels."""
+    quantized (K^2 x 12 bytes more, transiently). Its Grams are never cut into panels.
+    x_fp (tuning on propagated inputs, scfg.rounding == "tune" with scfg.propagate): the full-precision model's
+    input to this block [n_rows, seqlen, hidden], overwritten by its output through the unmodified block, which
+    is then the tuning's target: the quantized block is tuned to map the quantized model's activations x to
+    the full-precision model's, and so to make up for the error of the blocks before it."""
     ph = _Phases(index)
     lins = quantizable_linears(block, arch)
     for name, lin in lins.items():
@@ -461,6 +466,11 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     # compensated modules (routers) read all tokens of their group: the group's activation statistic
     watched = {**lins, **{n: get_module(block, n) for g in applying for n in g.compensate}} if scfg else {}
     tuning = scfg is not None and scfg.rounding == "tune"
+    if x_fp is not None:
+        if not (tuning and scfg.propagate):
+            raise ValueError("x_fp: only for tuning on propagated inputs (rounding='tune', propagate=True)")
+        _forward(block, x_fp, calls, batch_size, out=x_fp, check=f"non-finite (NaN/inf) output of block {index}")
+        ph.end("forward", "full-precision stream")
     # `out` may overwrite x below: propagation and tuning read the block's input after the last pass
     x_in = x.clone() if scfg is not None and (scfg.propagate or tuning) else None
 
@@ -552,8 +562,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
         del g_full
     ph.end("clip_quantize")
     if tune_start:
-        tuned, ranges, report["tune"] = tune.tune_block(block, tune_start, x_in, y, calls, batch_size, qcfg,
-                                                        scfg.tune_steps, scfg.tune_rows)
+        target = x_fp if x_fp is not None else y
+        tuned, ranges, report["tune"] = tune.tune_block(block, tune_start, x_in, target, calls, batch_size,
+                                                        qcfg, scfg.tune_steps, scfg.tune_rows)
         for name, (codes, scales, zeros) in tuned.items():
             linears[name] = LinearResult(codes, scales, zeros)
             lin = lins[name]
@@ -749,7 +760,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
     dtype = dtype or next(model.parameters()).dtype
     keep_fp32 = fp32_names(model)
     host = torch.device(device).type != "cpu"  # the activations stay in host memory
-    calls = None
+    calls = x_fp = None
     if scfg is not None:
         x0, calls = capture_block_inputs(model, arch, rows, batch_size, device, host=host)
         # the captured kwargs (rotary cos/sin, float masks) carry the loaded model's dtype: an fp32 model
@@ -767,6 +778,11 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
             x0.copy_(x)
         x = x0
         del x0
+        if scfg.rounding == "tune" and scfg.propagate:
+            if start:  # a checkpoint saves the quantized stream only
+                raise ValueError("resuming a run that tunes on propagated inputs is not supported: "
+                                 "the full-precision model's activations are not saved; restart it")
+            x_fp = x.clone()  # the full-precision model's activations: the tuning's targets
         blocks.drop_base()  # lazy: the embeddings are not needed again
         _phase_end(-1, "capture")
     if gram_whole_max is None:
@@ -787,7 +803,7 @@ def quantize_model(model: nn.Module, arch: Arch, qcfg: QuantConfig, rows: torch.
         try:
             res, x = quantize_block(block, i, x, calls[i] if calls else [], arch, qcfg, scfg, batch_size, out=x,
                                     gram_bytes=budget, before_write=before_write,
-                                    gram_whole_max=gram_whole_max)
+                                    gram_whole_max=gram_whole_max, x_fp=x_fp)
         except NonFiniteActivation as e:
             raise NonFiniteActivation(f"block {i}: {e}") from None
         if on_block is not None:

@@ -154,3 +154,35 @@ def test_tiny_model_tuned_checkpoint_reloads(model_type, tmp_path):
 def test_search_config_checks_tuning():
     with pytest.raises(ValueError, match="tune_steps"):
         awq.SearchConfig(rounding="tune", tune_steps=0)
+
+
+def test_tuning_on_propagated_inputs_targets_the_full_precision_model(tmp_path):
+    """propagate + tune: block 1 is tuned against the full-precision model's block-1 output (not the
+    full-precision block on the quantized input), and the result still reloads exactly."""
+    from salience.quantize import capture_block_inputs, quantize_model
+    model = tiny_model("llama", torch.float32)
+    fp = tiny_model("llama", torch.float32)
+    rows = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
+    targets = []
+    orig = tune.tune_block
+
+    def spy(block, start, x, y, *a, **k):
+        targets.append(y.clone())
+        return orig(block, start, x, y, *a, **k)
+
+    import salience.quantize as q
+    q.tune.tune_block, saved = spy, q.tune.tune_block
+    try:
+        quantize_model(model, ARCHS["llama"], QuantConfig(4, 32), rows,
+                       awq.SearchConfig(rounding="tune", propagate=True, tune_steps=5, tune_rows=2),
+                       batch_size=4, progress=False)
+    finally:
+        q.tune.tune_block = saved
+    # the full-precision model's activations after blocks 0 and 1
+    x, calls = capture_block_inputs(fp, ARCHS["llama"], rows, 4, "cpu")
+    from salience.quantize import _forward
+    layers = get_module(fp, ARCHS["llama"].layers)
+    with torch.no_grad():
+        for i in range(2):
+            x = _forward(layers[i], x, calls[i], 4)
+            torch.testing.assert_close(targets[i], x)
