@@ -47,9 +47,12 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + GPTQ rounding, damping 3": SearchConfig(rounding="gptq", gptq_damp=3.0),
     "default + GPTQ rounding, damping 10": SearchConfig(rounding="gptq", gptq_damp=10.0),
     "default + GPTQ rounding, damping 30": SearchConfig(rounding="gptq", gptq_damp=30.0),
-    "default + tuned rounding (100 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=100, tune_rows=4),
-    "default + tuned rounding (200 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=200, tune_rows=4),
-    "default + tuned rounding (400 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=400, tune_rows=4),
+    "default + tuned rounding (100 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=100, tune_rows=4,
+                                                                          propagate=False),
+    "default + tuned rounding (200 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=200, tune_rows=4,
+                                                                          propagate=False),
+    "default + tuned rounding (400 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=400, tune_rows=4,
+                                                                          propagate=False),
     "default + tuned rounding on propagated inputs (200 steps of 4 rows)": SearchConfig(
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
 }

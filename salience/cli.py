@@ -38,8 +38,9 @@ def _add_calib_args(p):
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
     p.add_argument("--refine", type=int, default=0,
                    help="after the alpha grid, try this many finer alphas each side of the best (default 0)")
-    p.add_argument("--propagate", action="store_true",
-                   help="feed each block the previous block's quantized output (default: full precision)")
+    p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed each block the previous block's quantized output (default: on with --rounding "
+                   "tune, which then tunes each block against the full-precision model's output; off otherwise)")
     p.add_argument("--rounding", choices=["nearest", "gptq", "tune"], default="nearest",
                    help="codes on the searched grid: round-to-nearest (default, the reference), GPTQ's "
                    "column-by-column rounding with error feedback through the input Gram (keeps the block's "

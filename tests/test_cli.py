@@ -137,5 +137,16 @@ def test_quantize_tuned_rounding(folder, text, tmp_path):
                  "--tune-rows", "2"]) == 0
     rep = json.loads((out / "salience_report.json").read_text())
     assert rep["search"]["rounding"] == "tune" and rep["search"]["tune_steps"] == 3
+    assert rep["search"]["propagate"] is True  # tuning's default: against the full-precision model's output
     assert rep["search"]["tune_rows"] == 2
     assert all(b["tune"]["steps"] == 3 and b["tune"]["rows"] == 2 for b in rep["blocks"])
+
+
+def test_propagate_default_follows_the_rounding():
+    from salience.cli import _search_config, build_parser
+    p = build_parser()
+    base = ["quantize", "--model", "m"]
+    assert _search_config(p.parse_args(base)).propagate is False
+    assert _search_config(p.parse_args(base + ["--rounding", "tune"])).propagate is True
+    assert _search_config(p.parse_args(base + ["--rounding", "tune", "--no-propagate"])).propagate is False
+    assert _search_config(p.parse_args(base + ["--propagate"])).propagate is True
