@@ -21,4 +21,4 @@ with c.Timer() as t:
     api.fake_quantize(m, QuantConfig(a.bits, a.group_size), a.method, rows, scfg, dtype=torch.bfloat16)
 c.save(m, a.out)
 c.report(t.seconds, **({"rounding": scfg.rounding, "gptq_damp": scfg.gptq_damp, "tune_steps": scfg.tune_steps,
-                        "tune_rows": scfg.tune_rows} if a.method == "awq" else {}))
+                        "tune_rows": scfg.tune_rows, "propagate": scfg.propagate} if a.method == "awq" else {}))
