@@ -554,7 +554,10 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                                                  asym=scfg.clip_asym)
             search[f"clip_min.{name}"], search[f"clip_max.{name}"] = clip_min.cpu(), clip_max.cpu()
         if tuning and stats.has(name):
-            tune_start[name] = (clip_min, clip_max)  # quantized below, all of the block's at once
+            # quantized below, all of the block's at once. Linears the clip search skips (arch.no_clip: q/k,
+            # whose output error says little of the attention scores') start from their full range and get
+            # their ranges tuned too: tuning's loss is the block's output, through attention
+            tune_start[name] = (clip_min, clip_max)
             continue
         # The in-memory block becomes the fake-quantized model (what the checkpoint reloads to).
         linears[name] = quantize_linear(w, qcfg, clip_min, clip_max, g=g_full,
