@@ -9,12 +9,11 @@ import torch
 
 from salience import api, awq, tune
 from salience.arch import ARCHS, get_module
-from salience.checkpoint import REPORT, load_quantized
-from salience.nn import QuantLinear
+from salience.checkpoint import REPORT
 from salience.quant import QuantConfig
 from salience.quantize import quantize_linear
 
-from tiny import tiny_model, tiny_tokenizer
+from tiny import assert_reloads_to, tiny_model, tiny_tokenizer
 
 
 def _layer(seed=0, n=24, k=128):
@@ -75,22 +74,20 @@ def test_slice_rows():
     torch.testing.assert_close(cos, pe[0][1:3])
 
 
-def _block0(model):
-    """Block 0's input x [8, 16, hidden] and its calls (batches of 4 rows) as the pipeline records them."""
-    from salience.quantize import capture_block_inputs
+def _block0():
+    """A tiny llama's block 0, its input x [8, 16, hidden], calls (batches of 4 rows) as the pipeline records
+    them, full-precision output y, and quantizable linears."""
+    from salience.quantize import _forward, capture_block_inputs, quantizable_linears
+    model = tiny_model("llama", torch.float32)
     rows = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
     x, calls = capture_block_inputs(model, ARCHS["llama"], rows, 4, "cpu")
-    return x, calls[0]
+    block = get_module(model, ARCHS["llama"].layers)[0]
+    return block, x, calls[0], _forward(block, x, calls[0], 4), quantizable_linears(block, ARCHS["llama"])
 
 
 def test_tune_block_lowers_the_block_output_error():
-    from salience.quantize import _forward, quantizable_linears
-    model = tiny_model("llama", torch.float32)
-    x, calls = _block0(model)
-    block = get_module(model, ARCHS["llama"].layers)[0]
-    y = _forward(block, x, calls, 4)
+    block, x, calls, y, lins = _block0()
     cfg = QuantConfig(4, 32)
-    lins = quantizable_linears(block, ARCHS["llama"])
     w0 = {n: l.weight.clone() for n, l in lins.items()}
     out, ranges, rep = tune.tune_block(block, {n: (None, None) for n in lins}, x, y, calls, 4, cfg,
                                        steps=60, rows=2)
@@ -106,13 +103,8 @@ def test_tune_block_lowers_the_block_output_error():
 
 def test_tune_keeps_the_start_when_tuning_does_not_help():
     """A learning rate far too large wrecks the codes: the start is kept and reported so."""
-    from salience.quantize import _forward, quantizable_linears
-    model = tiny_model("llama", torch.float32)
-    x, calls = _block0(model)
-    block = get_module(model, ARCHS["llama"].layers)[0]
-    y = _forward(block, x, calls, 4)
+    block, x, calls, y, lins = _block0()
     cfg = QuantConfig(4, 32)
-    lins = quantizable_linears(block, ARCHS["llama"])
     start = {n: (None, None) for n in lins}
     out, _, rep = tune.tune_block(block, start, x, y, calls, 4, cfg, steps=3, rows=2, lr=0.3)
     assert not rep["kept"] and rep["loss_tuned"] >= rep["loss_start"]
@@ -138,17 +130,7 @@ def test_tiny_model_tuned_checkpoint_reloads(model_type, tmp_path):
                                     scfg=awq.SearchConfig(rounding=r, tune_steps=20, tune_rows=2), **kw)
     rep = json.loads((out / REPORT).read_text())
     assert rep["search"]["rounding"] == "tune"
-    qm, _ = load_quantized(out, dtype=dtype)
-    fq = dict(fqs["tune"].named_modules())
-    n = 0
-    for name, mod in qm.named_modules():
-        if isinstance(mod, QuantLinear):
-            assert torch.equal(mod.dequantized_weight(dtype), fq[name].weight), name
-            n += 1
-    assert n > 0
-    layers = ARCHS[model_type].layers
-    w_near = get_module(fqs["nearest"], layers)[0].self_attn.q_proj.weight
-    assert not torch.equal(w_near, get_module(fqs["tune"], layers)[0].self_attn.q_proj.weight)
+    assert_reloads_to(out, fqs["tune"], fqs["nearest"], ARCHS[model_type].layers, dtype)
 
 
 def test_search_config_checks_tuning():

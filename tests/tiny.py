@@ -118,3 +118,21 @@ def tiny_vlm(model_type: str, dtype=torch.float32, seed: int = 0):
             elif not p.any():  # Gemma 3's projection matrix initialises to zeros: images would not matter
                 p.normal_(0, 0.02)
     return m
+
+
+def assert_reloads_to(out, fq: torch.nn.Module, other: torch.nn.Module, layers: str, dtype) -> None:
+    """The quantized checkpoint in `out` reloads to exactly the fake-quantized weights of `fq` (every
+    QuantLinear), and fq's first block's q_proj differs from `other`'s (another rounding on the same grid)."""
+    from salience.arch import get_module
+    from salience.checkpoint import load_quantized
+    from salience.nn import QuantLinear
+    qm, _ = load_quantized(out, dtype=dtype)
+    mods = dict(fq.named_modules())
+    n = 0
+    for name, mod in qm.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.dequantized_weight(dtype), mods[name].weight), name
+            n += 1
+    assert n > 0
+    w_other = get_module(other, layers)[0].self_attn.q_proj.weight
+    assert not torch.equal(w_other, get_module(fq, layers)[0].self_attn.q_proj.weight)
