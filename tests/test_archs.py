@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import CONFIGS, tiny_model, tiny_tokenizer
+from tiny import CONFIGS, calib_file, tiny_model, tiny_tokenizer
 
 from salience import api, moe
 from salience.arch import ARCHS, UnsupportedArchitecture, arch_for, get_module
@@ -53,10 +53,9 @@ def test_quantize_and_reload_same_logits(model_type, tmp_path):
     dtype = getattr(torch, arch.dtype)  # compute in the checkpoint's dtype so that reload is exact
     m = tiny_model(model_type, dtype=dtype)
     tok = tiny_tokenizer()
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))
+    calib = calib_file(tmp_path)
     out = tmp_path / "ckpt"
-    path, fq, _ = api.quantize(None, out, QuantConfig(4, 32), "awq", str(calib), n_rows=8, seqlen=32,
+    path, fq, _ = api.quantize(None, out, QuantConfig(4, 32), "awq", calib, n_rows=8, seqlen=32,
                                device="cpu", dtype=dtype, loaded=(m, tok), progress=False)
     assert path == out and not (tmp_path / "ckpt.partial").exists()
     cfg = json.loads((out / "config.json").read_text())

@@ -10,7 +10,7 @@ from salience.checkpoint import load_quantized
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
 
-from tiny import tiny_model, tiny_tokenizer
+from tiny import calib_file, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,13 +19,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_quantize_on_cuda_and_run_kernels(model_type, tmp_path):
     dtype = torch.bfloat16
     tok = tiny_tokenizer()
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))
+    calib = calib_file(tmp_path)
     ckpts = {}
     for device in ("cuda", "cpu"):
         m = tiny_model(model_type, dtype=dtype)
         out = tmp_path / f"ckpt-{device}"
-        api.quantize(None, out, QuantConfig(4, 32), "awq", str(calib), n_rows=8, seqlen=32, device=device,
+        api.quantize(None, out, QuantConfig(4, 32), "awq", calib, n_rows=8, seqlen=32, device=device,
                      dtype=dtype, loaded=(m, tok), progress=False)
         ckpts[device] = out
     qm, _ = load_quantized(ckpts["cuda"], dtype=dtype, device="cuda")

@@ -11,7 +11,7 @@ from salience.checkpoint import REPORT
 from salience.quant import QuantConfig, compute_qparams, dequantize, quantize
 from salience.quantize import quantize_linear
 
-from tiny import assert_reloads_to, tiny_model, tiny_tokenizer
+from tiny import assert_reloads_to, calib_file, tiny_model, tiny_tokenizer
 
 
 # GPTQ's usual damping: the exact small cases below test the rounding itself, at a weak pull toward the weights
@@ -135,10 +135,8 @@ def test_tiny_model_gptq_checkpoint_reloads(model_type, tmp_path, monkeypatch):
     in-memory weights, and its codes differ from round-to-nearest's on the same grid."""
     dtype = getattr(torch, ARCHS[model_type].dtype)
     tok = tiny_tokenizer()
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3
-                                 for i in range(40)))
-    kw = dict(calib=str(calib), n_rows=8, seqlen=32, device="cpu", dtype=dtype, progress=False)
+    calib = calib_file(tmp_path)
+    kw = dict(calib=calib, n_rows=8, seqlen=32, device="cpu", dtype=dtype, progress=False)
     fqs = {}
     damps = []  # every damping the pipeline factors with: SearchConfig's
     factor = gptq.inverse_factor

@@ -11,7 +11,7 @@ from salience import api, arch
 from salience.checkpoint import load_quantized
 from salience.nn import QuantLinear
 from salience.quant import QuantConfig
-from tiny import _COMMON, perturb_norms, tiny_tokenizer
+from tiny import _COMMON, calib_file, perturb_norms, tiny_tokenizer
 
 
 def test_unseen_family_needs_only_a_table_entry(tmp_path, monkeypatch):
@@ -23,9 +23,8 @@ def test_unseen_family_needs_only_a_table_entry(tmp_path, monkeypatch):
     m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     perturb_norms(m)
     ref = api.clone(m)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))
-    out, fq, _ = api.quantize(None, tmp_path / "ckpt", QuantConfig(4, 32), "awq", str(calib), n_rows=8,
+    calib = calib_file(tmp_path)
+    out, fq, _ = api.quantize(None, tmp_path / "ckpt", QuantConfig(4, 32), "awq", calib, n_rows=8,
                               seqlen=32, device="cpu", dtype=torch.float16, loaded=(m, tiny_tokenizer()),
                               progress=False)
     qm, _ = load_quantized(out, dtype=torch.float16)

@@ -13,7 +13,7 @@ from salience.checkpoint import REPORT
 from salience.quant import QuantConfig
 from salience.quantize import quantize_linear
 
-from tiny import assert_reloads_to, tiny_model, tiny_tokenizer
+from tiny import assert_reloads_to, calib_file, tiny_model, tiny_tokenizer
 
 
 def _layer(seed=0, n=24, k=128):
@@ -119,10 +119,8 @@ def test_tiny_model_tuned_checkpoint_reloads(model_type, tmp_path):
     in-memory weights, the report records the tuning, and the codes differ from nearest rounding's."""
     dtype = getattr(torch, ARCHS[model_type].dtype)
     tok = tiny_tokenizer()
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3
-                                 for i in range(40)))
-    kw = dict(calib=str(calib), n_rows=8, seqlen=32, device="cpu", dtype=dtype, progress=False)
+    calib = calib_file(tmp_path)
+    kw = dict(calib=calib, n_rows=8, seqlen=32, device="cpu", dtype=dtype, progress=False)
     fqs = {}
     for r in ("nearest", "tune"):
         out = tmp_path / r

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import IMAGE, VLM_CONFIGS, tiny_tokenizer, tiny_vlm
+from tiny import IMAGE, VLM_CONFIGS, calib_file, tiny_tokenizer, tiny_vlm
 
 from salience import api
 from salience.arch import VLMS, arch_for, get_module
@@ -45,11 +45,9 @@ def test_vlm_quantize_and_reload(model_type, tmp_path):
     frozen = {k: v.clone() for k, v in m.state_dict().items()
               if any(k.startswith(p + ".") for p in arch.not_convert_model)}
     assert frozen
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3
-                                 for i in range(40)))
+    calib = calib_file(tmp_path)
     out = tmp_path / "ckpt"
-    _, fq, _ = api.quantize(None, out, QuantConfig(4, 32), "awq", str(calib), n_rows=8, seqlen=32,
+    _, fq, _ = api.quantize(None, out, QuantConfig(4, 32), "awq", calib, n_rows=8, seqlen=32,
                             device="cpu", dtype=dtype, loaded=(m, tiny_tokenizer()), progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["modules_to_not_convert"] == ["lm_head", *arch.not_convert_model]

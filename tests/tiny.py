@@ -136,3 +136,10 @@ def assert_reloads_to(out, fq: torch.nn.Module, other: torch.nn.Module, layers: 
     assert n > 0
     w_other = get_module(other, layers)[0].self_attn.q_proj.weight
     assert not torch.equal(w_other, get_module(fq, layers)[0].self_attn.q_proj.weight)
+
+
+def calib_file(tmp_path) -> str:
+    """A small calibration text (40 short paragraphs) written under tmp_path; its path."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"paragraph {i}: the fox and the dog run in the hills. " * 3 for i in range(40)))
+    return str(calib)
