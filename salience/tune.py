@@ -143,9 +143,19 @@ class _Linear:
     def fake_quant(self, qmax: int) -> torch.Tensor:
         return fake_quant(self.w, self.v, self.wmin, self.wmax, self.a_lo, self.a_hi, qmax)
 
-    def codes(self, cfg: QuantConfig, start: bool = False):
-        v, (a_lo, a_hi) = (torch.zeros_like(self.v), self.a0) if start else (self.v, (self.a_lo, self.a_hi))
-        return codes_of(self.w, v, self.wmin, self.wmax, a_lo, a_hi, cfg)
+    @torch.no_grad()
+    def reset_(self):
+        """Back to the start (nearest rounding on the searched ranges)."""
+        self.v.zero_()
+        self.a_lo.copy_(self.a0[0])
+        self.a_hi.copy_(self.a0[1])
+
+    def codes(self, cfg: QuantConfig):
+        return codes_of(self.w, self.v, self.wmin, self.wmax, self.a_lo, self.a_hi, cfg)
+
+    def range(self):
+        """The ranges (lo, hi) [N, G] the codes are on."""
+        return self.wmin * self.a_lo, self.wmax * self.a_hi
 
 
 def tune_block(block: nn.Module, start: dict[str, tuple], x: torch.Tensor, y: torch.Tensor, calls,
@@ -221,11 +231,16 @@ def tune_block(block: nn.Module, start: dict[str, tuple], x: torch.Tensor, y: to
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    kept = loss1 < loss0  # else the start: never worse than it on the calibration rows
-    out = {n: lin.codes(cfg, start=not kept) for n, lin in lins.items()}
-    ranges = {n: (lin.wmin * lin.a_lo, lin.wmax * lin.a_hi) if kept else
-              (lin.wmin * lin.a0[0], lin.wmax * lin.a0[1]) for n, lin in lins.items()}
-    moved = sum(int((out[n][0] != lin.codes(cfg, start=True)[0]).sum()) for n, lin in lins.items())
+    kept = loss1 < loss0
+    if not kept:  # the start: never worse than it on the calibration rows
+        for lin in lins.values():
+            lin.reset_()
+    out = {n: lin.codes(cfg) for n, lin in lins.items()}
+    ranges = {n: lin.range() for n, lin in lins.items()}
+    moved = 0
+    for n, lin in lins.items() if kept else ():  # codes that differ from the start's
+        lin.reset_()
+        moved += int((out[n][0] != lin.codes(cfg)[0]).sum())
     report = {"loss_start": loss0, "loss_tuned": loss1, "kept": bool(kept), "steps": steps, "rows": rows,
               "codes_changed": moved / sum(lin.w.numel() for lin in lins.values()),
               "seconds": round(time.time() - t0, 3)}
