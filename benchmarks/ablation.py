@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py [--model smollm2] [--group-size 64] [--rows 64] [--windows 64]
                                   [--select-text mobydick [--select-windows 32]] [--only NAME ...] [--tag TAG]
+                                  [--calib lee wiki-calib austen]
     python benchmarks/ablation.py --choose RUN.json RUN.json ... [--tag TAG]
 
 Each variant quantizes the same full-precision model in memory from the same calibration rows and is
@@ -10,6 +11,9 @@ evaluated on the same windows. Writes benchmarks/results/ablation-<model>-g<grou
 --select-text: every variant (and full precision, RTN) is also measured on a held-out text that is neither
 the calibration text (lee) nor the reported evaluation (wiki), and the variant with the lowest perplexity on
 it is named: an option's setting is then chosen without looking at the reported windows.
+--calib with several texts: every variant is calibrated on each (the first is the table's) and evaluated
+on wiki-eval (disjoint from wiki-calib; its first 64 windows are wiki's), and the spread of its perplexity
+over the texts, (max - min) / min, is reported (on the selection text too).
 --choose: from such runs (one per model), the variant with the best mean relative improvement of the
 selection perplexity over the default (nearest rounding) across the runs; writes
 benchmarks/results/ablation-choice[-TAG].md and .json."""
@@ -55,6 +59,8 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
                                                                           propagate=False),
     "default + tuned rounding on propagated inputs (200 steps of 4 rows)": SearchConfig(
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
+    **{f"default + search damping {d:g}": SearchConfig(rounding="nearest", search_damp=d)
+       for d in (0.03, 0.1, 0.3, 1.0, 3.0)},
 }
 DEFAULT = "+ asymmetric clip (the default since the first ablation)"  # nearest rounding, the shipped default
 CALIB, EVAL = "lee", "wiki"
@@ -98,16 +104,19 @@ def main():
     ap.add_argument("--select-windows", type=int, default=32, help="windows of 512 of the selection text")
     ap.add_argument("--resume", action="store_true", help="continue the run of the same settings and tag: "
                     "reuse its full-precision/RTN figures and finished variants (checked to match)")
+    ap.add_argument("--calib", nargs="+", default=[CALIB], help="calibration texts (several: the robustness "
+                    "spread of every variant; see the docstring)")
     ap.add_argument("--choose", nargs="+", metavar="RUN_JSON",
                     help="no run: choose one variant across these --select-text runs (see the docstring)")
     a = ap.parse_args()
     if a.choose:
         return choose(a)
-    if a.select_text in NOT_HELD_OUT:
-        ap.error(f"--select-text {a.select_text} is not held out (calibration {CALIB}, evaluation {EVAL})")
+    if a.select_text in NOT_HELD_OUT | set(a.calib):
+        ap.error(f"--select-text {a.select_text} is not held out (calibration {a.calib}, evaluation {EVAL})")
+    ev = eval_source(a)
     m, tok, _ = load_fp(a.model, dtype=torch.bfloat16)
     qcfg = QuantConfig(4, a.group_size)
-    rows = calibration_rows(tok, load_text(CALIB), n_rows=a.rows, seqlen=512)
+    rows = {c: calibration_rows(tok, load_text(c), n_rows=a.rows, seqlen=512, seed=0) for c in a.calib}
 
     def select_ppl(model, desc):
         return api.ppl(model, tok, a.select_text, max_windows=a.select_windows, desc=f"sel {desc}") \
@@ -118,34 +127,52 @@ def main():
         out, res = {k: prev[k] for k in ("fp", "fp_select", "rtn", "rtn_select")}, prev["variants"]
         print(f"resuming: {len(res)} variants done", flush=True)
     else:
-        out = {"fp": api.ppl(m, tok, EVAL, max_windows=a.windows, desc="fp"), "fp_select": select_ppl(m, "fp")}
+        out = {"fp": api.ppl(m, tok, ev, max_windows=a.windows, desc="fp"), "fp_select": select_ppl(m, "fp")}
         rtn = api.clone(m)
         api.fake_quantize(rtn, qcfg, "rtn", progress=False)
-        out["rtn"] = api.ppl(rtn, tok, EVAL, max_windows=a.windows, desc="rtn")
+        out["rtn"] = api.ppl(rtn, tok, ev, max_windows=a.windows, desc="rtn")
         out["rtn_select"] = select_ppl(rtn, "rtn")
         del rtn
         res = []
     for name, scfg in VARIANTS.items():
         if (a.only and name not in a.only) or any(r["variant"] == name for r in res):
             continue
-        q = api.clone(m)
-        t = time.time()
-        api.fake_quantize(q, qcfg, "awq", rows, scfg, progress=False)
-        dt = time.time() - t
-        ppl = api.ppl(q, tok, EVAL, max_windows=a.windows, desc=name[:20])
-        res.append({"variant": name, "config": scfg.__dict__, "ppl": ppl, "select_ppl": select_ppl(q, name[:16]),
-                    "seconds": round(dt, 1)})
+        by_calib = {}
+        for c in a.calib:
+            q = api.clone(m)
+            t = time.time()
+            api.fake_quantize(q, qcfg, "awq", rows[c], scfg, progress=False)
+            dt = time.time() - t
+            by_calib[c] = {"ppl": api.ppl(q, tok, ev, max_windows=a.windows, desc=f"{c} {name[:20]}"),
+                           "select_ppl": select_ppl(q, f"{c} {name[:16]}"), "seconds": round(dt, 1)}
+            print(c, by_calib[c], flush=True)
+            del q
+        res.append({"variant": name, "config": scfg.__dict__, **by_calib[a.calib[0]]})
+        if len(a.calib) > 1:
+            res[-1]["by_calib"] = by_calib
+            res[-1]["spread"] = spread([r["ppl"] for r in by_calib.values()])
+            if a.select_text:
+                res[-1]["select_spread"] = spread([r["select_ppl"] for r in by_calib.values()])
         print(res[-1], flush=True)
-        del q
         write(a, out, res)  # after every variant: an interrupted run keeps what it finished
     print("\n".join(write(a, out, res)))
+
+
+def eval_source(a) -> str:
+    """The evaluation text: wiki, or wiki-eval when a calibration is wiki-calib (or several are compared)."""
+    return EVAL if a.calib == [CALIB] else "wiki-eval"
+
+
+def spread(ppls: list[float]) -> float:
+    """(max - min) / min."""
+    return (max(ppls) - min(ppls)) / min(ppls)
 
 
 def _stem(a) -> str:
     return f"ablation-{a.model}-g{a.group_size}" + (f"-{a.tag}" if a.tag else "")
 
 
-SAME_RUN = ("model", "group_size", "rows", "windows", "select_text", "select_windows")
+SAME_RUN = ("model", "group_size", "rows", "windows", "select_text", "select_windows", "calib")
 
 
 def previous_run(a) -> dict | None:
@@ -154,7 +181,7 @@ def previous_run(a) -> dict | None:
     if not f.exists():
         return None
     prev = json.loads(f.read_text())
-    diff = [k for k in SAME_RUN if prev.get(k) != getattr(a, k)]
+    diff = [k for k in SAME_RUN if prev.get(k, [CALIB] if k == "calib" else None) != getattr(a, k)]
     if diff:
         raise SystemExit(f"--resume: {f.name} was made with other settings ({', '.join(diff)})")
     def meaning(cfg: dict) -> dict:  # the damping means nothing to nearest rounding (its default may move)
@@ -173,21 +200,33 @@ def _machine() -> dict:
 def write(a, out, res) -> list[str]:
     machine = _machine()
     sel = a.select_text
-    md = [f"{a.model} INT4 g{a.group_size}, calibration {CALIB} {a.rows} x 512, {EVAL} ppl on {a.windows} "
-          f"windows of 512, compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN {out['rtn']:.3f}."]
+    ev, calibs = eval_source(a), a.calib
+    md = [f"{a.model} INT4 g{a.group_size}, calibration {' / '.join(calibs)} {a.rows} x 512 (seed 0), {ev} ppl "
+          f"on {a.windows} windows of 512, compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN "
+          f"{out['rtn']:.3f}" + (f" (the ppl and loss-closed columns: calibration {calibs[0]})." if len(calibs) > 1
+                                  else ".")]
     if sel:
         md[0] += (f" Selection text (held out: neither calibration nor evaluation): {sel}, {a.select_windows} "
                   f"windows of 512; full precision {out['fp_select']:.3f}, RTN {out['rtn_select']:.3f} on it.")
-    md += ["", f"| variant |{f' {sel} ppl (selection) |' if sel else ''} {EVAL} ppl | RTN loss closed ({EVAL}) "
-           f"| search time |", "|---|" + ("---:|" if sel else "") + "---:|---:|---:|"]
+    multi = len(calibs) > 1
+    extra = "".join(f" {ev} ppl, calibration {c} |" for c in calibs[1:]) + \
+        (f" spread ({ev}) |" + (f" spread ({sel}) |" if sel else "") if multi else "")
+    md += ["", f"| variant |{f' {sel} ppl (selection) |' if sel else ''} {ev} ppl | RTN loss closed ({ev}) "
+           f"| search time |{extra}", "|---|" + ("---:|" if sel else "") + "---:|---:|---:|" +
+           "---:|" * (len(calibs) - 1 + (multi + (multi and bool(sel))))]
     for r in res:
         closed = (out["rtn"] - r["ppl"]) / (out["rtn"] - out["fp"])
         cell = f" {r['select_ppl']:.3f} |" if sel else ""
-        md.append(f"| {r['variant']} |{cell} {r['ppl']:.3f} | {100 * closed:.0f}% | {r['seconds']:.0f} s |")
+        more = ""
+        if multi:
+            more = "".join(f" {r['by_calib'][c]['ppl']:.3f} |" for c in calibs[1:]) + f" {100 * r['spread']:.2f}% |"
+            if sel:
+                more += f" {100 * r['select_spread']:.2f}% |"
+        md.append(f"| {r['variant']} |{cell} {r['ppl']:.3f} | {100 * closed:.0f}% | {r['seconds']:.0f} s |{more}")
     if sel and res:
         best = best_on_selection(res)
         md += ["", f"Lowest {sel} (selection) perplexity: {best['variant']} ({best['select_ppl']:.3f}); its "
-               f"{EVAL} perplexity {best['ppl']:.3f}" + ("" if len(res) > 1 else " (one variant so far)") + "."]
+               f"{ev} perplexity {best['ppl']:.3f}" + ("" if len(res) > 1 else " (one variant so far)") + "."]
     RESULTS.mkdir(exist_ok=True)
     stem = _stem(a)
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")

@@ -70,6 +70,11 @@ class SearchConfig:
     # the searched grid (kept only if better over all calibration rows)
     rounding: str = "nearest"
     gptq_damp: float = 1.0
+    # ridge on the searches' loss: each input Gram G becomes G + search_damp * mean(diag G) * I before the
+    # scale and clip searches (and GPTQ) read it, i.e. the loss gains search_damp * mean(x^2) * ||dW||^2, a
+    # calibration-free weight error that pulls the searched scales and ranges away from what only the
+    # calibration text's activations favour. 0: the reference loss. See benchmarks/results/ablation-*-damp*.md
+    search_damp: float = 0.0
     tune_steps: int = 200
     tune_rows: int = 4
 
@@ -80,6 +85,8 @@ class SearchConfig:
             raise ValueError(f"rounding must be 'nearest', 'gptq' or 'tune', got {self.rounding!r}")
         if self.tune_steps < 1 or self.tune_rows < 1:
             raise ValueError("tune_steps and tune_rows must be positive")
+        if not self.search_damp >= 0:
+            raise ValueError(f"search_damp must be >= 0, got {self.search_damp}")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
         if self.formula not in ("x", "duo", "both"):
@@ -199,6 +206,22 @@ def gram_add_(g: torch.Tensor | PanelGram, x: torch.Tensor, col_block: int = 409
     step = k if k <= col_block else col_block
     for j in range(0, k, step):
         g[:, j:j + step].add_(x.t() @ x[:, j:j + step])
+
+
+def damp_(g: torch.Tensor | PanelGram, lam: float) -> torch.Tensor | PanelGram:
+    """g += lam * mean(diag g) * I in place, for a whole Gram [K, K] or a PanelGram (whose panel i holds
+    the diagonal block G_ii in its first rows columns). Returns g."""
+    if lam == 0:
+        return g
+    if isinstance(g, PanelGram):
+        diags = [p[:, :p.shape[0]].diagonal() for p in g.panels]
+        mean = sum(float(d.sum()) for d in diags) / g.shape[0]
+        for d in diags:
+            d.add_(lam * mean)
+        return g
+    d = g.diagonal()
+    d.add_(lam * float(d.mean()))
+    return g
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,10 @@ def _add_calib_args(p):
                    help="--rounding tune: steps per block (default SearchConfig.tune_steps)")
     p.add_argument("--tune-rows", type=int, default=None,
                    help="--rounding tune: calibration rows per step (default SearchConfig.tune_rows)")
+    p.add_argument("--search-damp", type=float, default=None,
+                   help="ridge added to each input Gram before the scale and clip searches, a multiple of its "
+                   "mean diagonal: the loss gains a calibration-free weight error (default: "
+                   "SearchConfig.search_damp)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default: "
                    "SearchConfig.gptq_damp, the damping with the lowest perplexity on a held-out text, "
@@ -100,7 +104,8 @@ def _search_config(a):
                         loss=a.loss, search_tokens=a.search_tokens, clip_grid=0 if a.no_clip else 20,
                         refine=a.refine, propagate=a.propagate,
                         rounding=a.rounding,
-                        **{k: v for k, v in (("gptq_damp", a.gptq_damp), ("tune_steps", a.tune_steps),
+                        **{k: v for k, v in (("gptq_damp", a.gptq_damp), ("search_damp", a.search_damp),
+                                             ("tune_steps", a.tune_steps),
                                              ("tune_rows", a.tune_rows)) if v is not None})  # else SearchConfig's
 
 

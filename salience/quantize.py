@@ -497,6 +497,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                          check=f"non-finite (NaN/inf) output of block {index}")
         stats.first_pass = False
         stats.new_pass()
+        if scfg is not None and scfg.search_damp:
+            for gm in stats.gram.values():  # this pass's Grams, complete now (earlier passes' were freed)
+                awq.damp_(gm, scfg.search_damp)
         ph.end("forward", f"pass {p}")
         if p == 0:
             # Linears no calibration token reached (experts the router never picked): quantized from

@@ -44,7 +44,7 @@ def test_resume_checks_the_settings(tmp_path, monkeypatch):
     import json
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
     a = argparse.Namespace(model="m", group_size=64, rows=64, windows=64, select_text="mobydick", select_windows=32,
-                           tag="t")
+                           tag="t", calib=["lee"])
     assert ablation.previous_run(a) is None
     near = dict(ablation.VARIANTS[ablation.DEFAULT].__dict__, gptq_damp=123.0)  # unused by nearest rounding
     saved = {**vars(a), "fp": 1.0, "fp_select": 2.0, "rtn": 3.0, "rtn_select": 4.0,
@@ -54,3 +54,12 @@ def test_resume_checks_the_settings(tmp_path, monkeypatch):
     a.select_windows = 64
     with pytest.raises(SystemExit, match="select_windows"):
         ablation.previous_run(a)
+
+
+def test_calibration_spread_and_evaluation_text():
+    import argparse
+    assert ablation.spread([25.0, 25.5, 24.5]) == pytest.approx(1.0 / 24.5)
+    one = argparse.Namespace(calib=["lee"])
+    assert ablation.eval_source(one) == ablation.EVAL
+    # several calibrations (wiki-calib among them): evaluated on the wiki articles none of them holds
+    assert ablation.eval_source(argparse.Namespace(calib=["lee", "wiki-calib"])) == "wiki-eval"

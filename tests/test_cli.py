@@ -150,3 +150,6 @@ def test_propagate_default_follows_the_rounding():
     assert _search_config(p.parse_args(base + ["--rounding", "tune"])).propagate is True
     assert _search_config(p.parse_args(base + ["--rounding", "tune", "--no-propagate"])).propagate is False
     assert _search_config(p.parse_args(base + ["--propagate"])).propagate is True
+    from salience.awq import SearchConfig
+    assert _search_config(p.parse_args(base)).search_damp == SearchConfig().search_damp
+    assert _search_config(p.parse_args(base + ["--search-damp", "0.25"])).search_damp == 0.25

@@ -29,7 +29,8 @@ def _run(model_type, scfg, gram_bytes, dtype=torch.bfloat16):
 @pytest.mark.parametrize("model_type,scfg", [
     ("llama", SearchConfig()), ("qwen2", SearchConfig(formula="both", refine=1)), ("qwen2_moe", SearchConfig()),
     ("deepseek_v3", SearchConfig(loss="output", search_tokens=64)), ("llama", SearchConfig(propagate=True)),
-    ("qwen2", SearchConfig(rounding="gptq")), ("qwen2_moe", SearchConfig(rounding="gptq"))])
+    ("qwen2", SearchConfig(rounding="gptq")), ("qwen2_moe", SearchConfig(rounding="gptq")),
+    ("qwen2_moe", SearchConfig(search_damp=0.3))])  # each pass's Grams damped once, after their last batch
 def test_passes_change_nothing(model_type, scfg):
     one, rep1 = _run(model_type, scfg, float("inf"))
     many, rep2 = _run(model_type, scfg, 0)  # one group (or orphan linear) per pass
@@ -134,6 +135,23 @@ def test_panel_gram_equals_whole(rows):
                                   grid)
     assert a1 == a2 and torch.equal(s1, s2)
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=0)
+
+
+def test_damp_adds_the_mean_diagonal_whole_and_paneled():
+    torch.manual_seed(0)
+    k = 96
+    x = torch.randn(50, k) * torch.linspace(0.1, 3, k)
+    whole, panels = torch.zeros(k, k), awq.panel_gram(k, 32)
+    awq.gram_add_(whole, x)
+    awq.gram_add_(panels, x)
+    ref = whole + 0.5 * whole.diagonal().mean() * torch.eye(k)
+    assert awq.damp_(whole, 0.5) is whole
+    torch.testing.assert_close(whole, ref)
+    awq.damp_(panels, 0.5)
+    for r, p in zip(range(0, k, 32), panels.panels):  # the diagonal moved, nothing else
+        torch.testing.assert_close(p, ref[r:r + p.shape[0], r:], rtol=1e-6, atol=1e-4)
+    before = whole.clone()
+    assert torch.equal(awq.damp_(whole, 0.0), before)
 
 
 def test_panel_gram_sizes():

@@ -1,5 +1,6 @@
 """Calibration statistics stay finite and exact for fp16 activations whose X^T X exceeds fp16's range."""
 
+import pytest
 import torch
 
 from salience.quantize import _InputStats
@@ -72,3 +73,33 @@ def test_refine_never_worse_and_propagate_changes_only_later_blocks():
     blocks_b, blocks_p = base.model.layers, prop.model.layers
     assert all(torch.equal(p, q) for p, q in zip(blocks_b[0].parameters(), blocks_p[0].parameters()))
     assert any(not torch.equal(p, q) for p, q in zip(blocks_b[1].parameters(), blocks_p[1].parameters()))
+
+
+def test_search_damping_reaches_every_gram_once(monkeypatch):
+    """search_damp adds its ridge to each input Gram once, before the searches read it: the reported scale
+    losses then include lam * mean(x^2) * ||dW||^2, so they rise; 0 never calls it."""
+    from salience import api, awq
+    from salience.awq import SearchConfig
+    from salience.quant import QuantConfig
+    from tiny import tiny_model
+
+    rows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = awq.damp_
+    monkeypatch.setattr(awq, "damp_", lambda g, lam: calls.append((g.shape, lam)) or real(g, lam))
+
+    def run(d):
+        m = tiny_model("llama", dtype=torch.float32)
+        return api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(search_damp=d), device="cpu",
+                                 dtype=torch.float32, progress=False)
+
+    plain = run(0.0)
+    assert not calls
+    damped = run(1.0)
+    # per block: the inputs of qkv (norm), o, gate/up (norm), down: four distinct Grams
+    assert len(calls) == 4 * len(damped) and all(lam == 1.0 for _, lam in calls)
+    for a, b in zip(plain, damped):
+        for key, g in a["groups"].items():
+            assert b["groups"][key]["loss"] > g["loss"]
+    with pytest.raises(ValueError, match="search_damp"):
+        SearchConfig(search_damp=-1)
