@@ -35,34 +35,43 @@ from salience.data import calibration_rows, load_text
 from salience.models import load_fp
 from salience.quant import QuantConfig
 
+
+def _v(**kw) -> SearchConfig:
+    """A variant: search damping 0 (the loss the rows before ablation-choice-damp were measured with)
+    unless given."""
+    return SearchConfig(**{"search_damp": 0.0, **kw})
+
+
 VARIANTS = {  # every option spelled out, so that the rows keep their meaning when defaults change
-    "reference grid (x, alpha < 1, symmetric clip), Gram loss": SearchConfig(rounding="nearest", clip_asym=False),
-    "output loss (8192 tokens)": SearchConfig(rounding="nearest", loss="output", clip_asym=False),
-    "+ alpha = 1": SearchConfig(rounding="nearest", alpha_one=True, clip_asym=False),
-    "+ both formulas (x, duo)": SearchConfig(rounding="nearest", formula="both", clip_asym=False),
-    "+ asymmetric clip (the default since the first ablation)": SearchConfig(rounding="nearest", clip_asym=True),
-    "all three": SearchConfig(rounding="nearest", alpha_one=True, formula="both", clip_asym=True),
-    "default + finer alpha grid (refine 2)": SearchConfig(rounding="nearest", refine=2),
-    "default + quantized outputs propagated": SearchConfig(rounding="nearest", propagate=True),
-    "default + GPTQ rounding on the searched grid": SearchConfig(rounding="gptq", gptq_damp=0.01),
-    "default + GPTQ rounding, damping 0.1": SearchConfig(rounding="gptq", gptq_damp=0.1),
-    "default + GPTQ rounding, damping 0.3": SearchConfig(rounding="gptq", gptq_damp=0.3),
-    "default + GPTQ rounding, damping 1": SearchConfig(rounding="gptq", gptq_damp=1.0),
-    "default + GPTQ rounding, damping 3": SearchConfig(rounding="gptq", gptq_damp=3.0),
-    "default + GPTQ rounding, damping 10": SearchConfig(rounding="gptq", gptq_damp=10.0),
-    "default + GPTQ rounding, damping 30": SearchConfig(rounding="gptq", gptq_damp=30.0),
-    "default + tuned rounding (100 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=100, tune_rows=4,
-                                                                          propagate=False),
-    "default + tuned rounding (200 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=200, tune_rows=4,
-                                                                          propagate=False),
-    "default + tuned rounding (400 steps of 4 rows)": SearchConfig(rounding="tune", tune_steps=400, tune_rows=4,
-                                                                          propagate=False),
-    "default + tuned rounding on propagated inputs (200 steps of 4 rows)": SearchConfig(
+    "reference grid (x, alpha < 1, symmetric clip), Gram loss": _v(rounding="nearest", clip_asym=False),
+    "output loss (8192 tokens)": _v(rounding="nearest", loss="output", clip_asym=False),
+    "+ alpha = 1": _v(rounding="nearest", alpha_one=True, clip_asym=False),
+    "+ both formulas (x, duo)": _v(rounding="nearest", formula="both", clip_asym=False),
+    "+ asymmetric clip (the default since the first ablation)": _v(rounding="nearest", clip_asym=True),
+    "all three": _v(rounding="nearest", alpha_one=True, formula="both", clip_asym=True),
+    "default + finer alpha grid (refine 2)": _v(rounding="nearest", refine=2),
+    "default + quantized outputs propagated": _v(rounding="nearest", propagate=True),
+    "default + GPTQ rounding on the searched grid": _v(rounding="gptq", gptq_damp=0.01),
+    "default + GPTQ rounding, damping 0.1": _v(rounding="gptq", gptq_damp=0.1),
+    "default + GPTQ rounding, damping 0.3": _v(rounding="gptq", gptq_damp=0.3),
+    "default + GPTQ rounding, damping 1": _v(rounding="gptq", gptq_damp=1.0),
+    "default + GPTQ rounding, damping 3": _v(rounding="gptq", gptq_damp=3.0),
+    "default + GPTQ rounding, damping 10": _v(rounding="gptq", gptq_damp=10.0),
+    "default + GPTQ rounding, damping 30": _v(rounding="gptq", gptq_damp=30.0),
+    "default + tuned rounding (100 steps of 4 rows)": _v(rounding="tune", tune_steps=100, tune_rows=4,
+                                                                propagate=False),
+    "default + tuned rounding (200 steps of 4 rows)": _v(rounding="tune", tune_steps=200, tune_rows=4,
+                                                                propagate=False),
+    "default + tuned rounding (400 steps of 4 rows)": _v(rounding="tune", tune_steps=400, tune_rows=4,
+                                                                propagate=False),
+    "default + tuned rounding on propagated inputs (200 steps of 4 rows)": _v(
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
-    **{f"default + search damping {d:g}": SearchConfig(rounding="nearest", search_damp=d)
-       for d in (0.03, 0.1, 0.3, 1.0, 3.0)},
+    **{f"default + search damping {d:g}": _v(rounding="nearest", search_damp=d)
+       for d in (0.03, 0.1, 0.3, 1.0, 3.0)},  # "... 0.3" is SearchConfig()'s default since ablation-choice-damp
 }
-DEFAULT = "+ asymmetric clip (the default since the first ablation)"  # nearest rounding, the shipped default
+# the baseline of --choose: nearest rounding, the shipped default before search damping (now "... damping 0.3")
+DEFAULT = "+ asymmetric clip (the default since the first ablation)"
+SHIPPED = "default + search damping 0.3"  # SearchConfig()
 CALIB, EVAL = "lee", "wiki"
 NOT_HELD_OUT = {CALIB, EVAL, "wiki-eval", "wiki-calib"}  # the calibration text and the evaluation's source
 RESULTS = Path(__file__).parent / "results"
@@ -185,6 +194,7 @@ def previous_run(a) -> dict | None:
     if diff:
         raise SystemExit(f"--resume: {f.name} was made with other settings ({', '.join(diff)})")
     def meaning(cfg: dict) -> dict:  # the damping means nothing to nearest rounding (its default may move)
+        cfg = {"search_damp": 0.0, **cfg}  # runs before search damping existed searched without it
         return {k: v for k, v in cfg.items() if not (k == "gptq_damp" and cfg["rounding"] == "nearest")}
 
     for r in prev["variants"]:

@@ -48,9 +48,10 @@ TOOLS = {
     "salience": (None, "salience_run.py", ["--method", "awq"]),
     # opt-in GPTQ rounding on the AWQ grid, damping SearchConfig.gptq_damp (chosen on a held-out text:
     # benchmarks/results/ablation-choice-heldout.md)
-    "salience-gptq": (None, "salience_run.py", ["--method", "awq", "--rounding", "gptq"]),
+    # (both opt-in columns were measured before the search damping became the default: kept without it)
+    "salience-gptq": (None, "salience_run.py", ["--method", "awq", "--rounding", "gptq", "--search-damp", "0"]),
     # opt-in block-wise tuning of codes and ranges (salience.tune), SearchConfig's steps and rows
-    "salience-tune": (None, "salience_run.py", ["--method", "awq", "--rounding", "tune"]),
+    "salience-tune": (None, "salience_run.py", ["--method", "awq", "--rounding", "tune", "--search-damp", "0"]),
     "llmc-awq": ("llmc", "llmc_run.py", ["--method", "awq"]),
     "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
     "hqq": ("hqq", "hqq_run.py", []),
@@ -241,7 +242,7 @@ def run(a, store: Store):
                     store.put(key, res)
                     print(key, res, flush=True)
                     continue
-                rec.update(res)
+                rec = dict(res)  # new weights: the evaluations of the old ones (other window counts) go
             source = "wiki-eval" if calib != a.calib[0] else "wiki"
             weights = load_file(str(out))
             rec.setdefault("ppl", {})[wtag] = ev.ppl(weights, source)

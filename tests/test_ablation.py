@@ -35,7 +35,8 @@ def test_choose_across_mean_relative_improvement():
 
 
 def test_default_variant_is_the_default_search():
-    assert ablation.VARIANTS[ablation.DEFAULT] == ablation.SearchConfig()
+    assert ablation.VARIANTS[ablation.SHIPPED] == ablation.SearchConfig()
+    assert ablation.VARIANTS[ablation.DEFAULT] == ablation.SearchConfig(search_damp=0.0)
     assert ablation.NOT_HELD_OUT >= {ablation.CALIB, ablation.EVAL}
 
 
