@@ -73,10 +73,12 @@ class SearchConfig:
     # ridge on the searches' loss: each input Gram G becomes G + search_damp * mean(diag G) * I before the
     # scale and clip searches (and GPTQ) read it, i.e. the loss gains search_damp * mean(x^2) * ||dW||^2, a
     # calibration-free weight error that pulls the searched scales and ranges away from what only the
-    # calibration text's activations favour. 0: the reference loss. 0.3 was chosen on a held-out text (Moby
-    # Dick) among 0, 0.1, 0.3 across SmolLM2 g64 and Gemma-3-270M g128 (benchmarks/results/
-    # ablation-choice-damp.md; 1 was worse on both texts, ablation-smollm2-g64-damp-robust.log)
-    search_damp: float = 0.3
+    # calibration text's activations favour. 0: the reference loss. None: damp_for(bits), 0.3 at 4 bits,
+    # chosen there on a held-out text (Moby Dick) among 0, 0.1, 0.3 across SmolLM2 g64 and Gemma-3-270M g128
+    # (benchmarks/results/ablation-choice-damp.md; 1 was worse on both texts,
+    # ablation-smollm2-g64-damp-robust.log); 0 at other widths: at INT3 0.3 gave worse wiki perplexity
+    # (SmolLM2 g32 36.326 vs 34.727, g64 43.684 vs 43.355) and no held-out choice was made there
+    search_damp: float | None = None
     tune_steps: int = 200
     tune_rows: int = 4
 
@@ -87,7 +89,7 @@ class SearchConfig:
             raise ValueError(f"rounding must be 'nearest', 'gptq' or 'tune', got {self.rounding!r}")
         if self.tune_steps < 1 or self.tune_rows < 1:
             raise ValueError("tune_steps and tune_rows must be positive")
-        if not self.search_damp >= 0:
+        if self.search_damp is not None and not self.search_damp >= 0:
             raise ValueError(f"search_damp must be >= 0, got {self.search_damp}")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
@@ -97,6 +99,13 @@ class SearchConfig:
             raise ValueError(f"loss must be 'output' or 'gram', got {self.loss!r}")
         if self.n_grid < 1 or self.search_tokens < 1 or self.refine < 0:
             raise ValueError("n_grid and search_tokens must be positive, refine >= 0")
+
+
+def damp_for(scfg: SearchConfig, bits: int) -> float:
+    """The search damping a run at `bits` uses: scfg.search_damp, or its default for that width."""
+    if scfg.search_damp is not None:
+        return scfg.search_damp
+    return 0.3 if bits == 4 else 0.0
 
 
 def activation_mean(x: torch.Tensor) -> torch.Tensor:

@@ -479,6 +479,7 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     diag: dict[str, torch.Tensor] = {}  # input key -> diagonal blocks [G, gs, gs] of its Gram (clip search)
     full: dict[str, torch.Tensor] = {}  # input key -> its whole Gram [K, K] (GPTQ rounding)
     deferred: list[tuple[ScaleGroup, torch.Tensor]] = []  # searched, folded after the last pass's forward
+    damp = awq.damp_for(scfg, qcfg.bits) if scfg is not None else 0.0
     y = None
     for p, units in enumerate(passes):
         last = p == len(passes) - 1
@@ -497,9 +498,9 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
                          check=f"non-finite (NaN/inf) output of block {index}")
         stats.first_pass = False
         stats.new_pass()
-        if scfg is not None and scfg.search_damp:
+        if damp:
             for gm in stats.gram.values():  # this pass's Grams, complete now (earlier passes' were freed)
-                awq.damp_(gm, scfg.search_damp)
+                awq.damp_(gm, damp)
         ph.end("forward", f"pass {p}")
         if p == 0:
             # Linears no calibration token reached (experts the router never picked): quantized from

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from salience import api  # noqa: E402
-from salience.awq import SearchConfig  # noqa: E402
+from salience.awq import SearchConfig, damp_for  # noqa: E402
 from salience.quant import QuantConfig  # noqa: E402
 
 a = c.args({"--method": {"choices": ["awq", "rtn"], "default": "awq"},
@@ -22,4 +22,4 @@ with c.Timer() as t:
     api.fake_quantize(m, QuantConfig(a.bits, a.group_size), a.method, rows, scfg, dtype=torch.bfloat16)
 c.save(m, a.out)
 c.report(t.seconds, **({"rounding": scfg.rounding, "gptq_damp": scfg.gptq_damp, "tune_steps": scfg.tune_steps,
-                        "tune_rows": scfg.tune_rows, "propagate": scfg.propagate, "search_damp": scfg.search_damp} if a.method == "awq" else {}))
+                        "tune_rows": scfg.tune_rows, "propagate": scfg.propagate, "search_damp": damp_for(scfg, a.bits)} if a.method == "awq" else {}))
