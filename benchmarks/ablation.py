@@ -67,11 +67,11 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + tuned rounding on propagated inputs (200 steps of 4 rows)": _v(
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
     **{f"default + search damping {d:g}": _v(rounding="nearest", search_damp=d)
-       for d in (0.03, 0.1, 0.3, 1.0, 3.0)},  # "... 0.3" is SearchConfig()'s default since ablation-choice-damp
+       for d in (0.03, 0.1, 0.3, 1.0, 3.0)},
 }
-# the baseline of --choose: nearest rounding, the shipped default before search damping (now "... damping 0.3")
+# the baseline of --choose: nearest rounding, the shipped default before the search damping
 DEFAULT = "+ asymmetric clip (the default since the first ablation)"
-SHIPPED = "default + search damping 0.3"  # SearchConfig()
+SHIPPED = "default + search damping 0.3"  # SearchConfig() at the ablation's 4 bits (awq.damp_for)
 CALIB, EVAL = "lee", "wiki"
 NOT_HELD_OUT = {CALIB, EVAL, "wiki-eval", "wiki-calib"}  # the calibration text and the evaluation's source
 RESULTS = Path(__file__).parent / "results"
@@ -211,28 +211,26 @@ def write(a, out, res) -> list[str]:
     machine = _machine()
     sel = a.select_text
     ev, calibs = eval_source(a), a.calib
-    md = [f"{a.model} INT4 g{a.group_size}, calibration {' / '.join(calibs)} {a.rows} x 512 (seed 0), {ev} ppl "
-          f"on {a.windows} windows of 512, compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN "
-          f"{out['rtn']:.3f}" + (f" (the ppl and loss-closed columns: calibration {calibs[0]})." if len(calibs) > 1
-                                  else ".")]
+    multi = len(calibs) > 1
+    md = [f"{a.model} INT4 g{a.group_size}, calibration {' / '.join(calibs)} {a.rows} x 512 (seed 0), {ev} "
+          f"ppl on {a.windows} windows of 512, compute bf16, CPU {machine}. Full precision {out['fp']:.3f}, RTN "
+          f"{out['rtn']:.3f}" + (f" (the ppl and loss-closed columns: calibration {calibs[0]})." if multi else ".")]
     if sel:
         md[0] += (f" Selection text (held out: neither calibration nor evaluation): {sel}, {a.select_windows} "
                   f"windows of 512; full precision {out['fp_select']:.3f}, RTN {out['rtn_select']:.3f} on it.")
-    multi = len(calibs) > 1
-    extra = "".join(f" {ev} ppl, calibration {c} |" for c in calibs[1:]) + \
-        (f" spread ({ev}) |" + (f" spread ({sel}) |" if sel else "") if multi else "")
-    md += ["", f"| variant |{f' {sel} ppl (selection) |' if sel else ''} {ev} ppl | RTN loss closed ({ev}) "
-           f"| search time |{extra}", "|---|" + ("---:|" if sel else "") + "---:|---:|---:|" +
-           "---:|" * (len(calibs) - 1 + (multi + (multi and bool(sel))))]
-    for r in res:
-        closed = (out["rtn"] - r["ppl"]) / (out["rtn"] - out["fp"])
-        cell = f" {r['select_ppl']:.3f} |" if sel else ""
-        more = ""
-        if multi:
-            more = "".join(f" {r['by_calib'][c]['ppl']:.3f} |" for c in calibs[1:]) + f" {100 * r['spread']:.2f}% |"
-            if sel:
-                more += f" {100 * r['select_spread']:.2f}% |"
-        md.append(f"| {r['variant']} |{cell} {r['ppl']:.3f} | {100 * closed:.0f}% | {r['seconds']:.0f} s |{more}")
+    # numeric columns after the variant's name: (header, cell of a result record)
+    cols = [(f"{sel} ppl (selection)", lambda r: f"{r['select_ppl']:.3f}")] if sel else []
+    cols += [(f"{ev} ppl", lambda r: f"{r['ppl']:.3f}"),
+             (f"RTN loss closed ({ev})",
+              lambda r: f"{100 * (out['rtn'] - r['ppl']) / (out['rtn'] - out['fp']):.0f}%"),
+             ("search time", lambda r: f"{r['seconds']:.0f} s")]
+    if multi:
+        cols += [(f"{ev} ppl, calibration {c}", lambda r, c=c: f"{r['by_calib'][c]['ppl']:.3f}")
+                 for c in calibs[1:]]
+        cols += [(f"spread ({ev})", lambda r: f"{100 * r['spread']:.2f}%")]
+        cols += [(f"spread ({sel})", lambda r: f"{100 * r['select_spread']:.2f}%")] if sel else []
+    md += ["", "| variant | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    md += ["| " + " | ".join([r["variant"], *(cell(r) for _, cell in cols)]) + " |" for r in res]
     if sel and res:
         best = best_on_selection(res)
         md += ["", f"Lowest {sel} (selection) perplexity: {best['variant']} ({best['select_ppl']:.3f}); its "

@@ -52,9 +52,9 @@ def _add_calib_args(p):
     p.add_argument("--tune-rows", type=int, default=None,
                    help="--rounding tune: calibration rows per step (default SearchConfig.tune_rows)")
     p.add_argument("--search-damp", type=float, default=None,
-                   help="ridge added to each input Gram before the scale and clip searches, a multiple of its "
-                   "mean diagonal: the loss gains a calibration-free weight error (default: 0.3 at 4 bits, chosen on a "
-                   "held-out text; 0 at other widths: salience.awq.damp_for)")
+                   help="ridge added to each input Gram before the scale and clip searches, a multiple of "
+                   "its mean diagonal: the loss gains a calibration-free weight error (default: 0.3 at 4 "
+                   "bits, chosen on a held-out text; 0 at other widths: salience.awq.damp_for)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default: "
                    "SearchConfig.gptq_damp, the damping with the lowest perplexity on a held-out text, "

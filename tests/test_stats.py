@@ -90,8 +90,8 @@ def test_search_damping_reaches_every_gram_once(monkeypatch):
 
     def run(d):
         m = tiny_model("llama", dtype=torch.float32)
-        return api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(search_damp=d), device="cpu",
-                                 dtype=torch.float32, progress=False)
+        return api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(search_damp=d),
+                                 device="cpu", dtype=torch.float32, progress=False)
 
     plain = run(0.0)
     assert not calls
@@ -109,4 +109,5 @@ def test_search_damping_default_depends_on_the_width():
     from salience.awq import SearchConfig, damp_for
     # chosen on a held-out text at 4 bits; the reference loss elsewhere; an explicit value always wins
     assert damp_for(SearchConfig(), 4) == 0.3 and damp_for(SearchConfig(), 3) == 0.0
-    assert damp_for(SearchConfig(search_damp=0.0), 4) == 0.0 and damp_for(SearchConfig(search_damp=1.0), 3) == 1.0
+    assert damp_for(SearchConfig(search_damp=0.0), 4) == 0.0
+    assert damp_for(SearchConfig(search_damp=1.0), 3) == 1.0

@@ -17,9 +17,10 @@ a = c.args({"--method": {"choices": ["awq", "rtn"], "default": "awq"},
             "--search-damp": {"type": float, "default": None}})
 m, tok = c.load(a.model)
 rows = c.rows(a.rows) if a.method == "awq" else None
-scfg = SearchConfig(rounding=a.rounding, **({} if a.search_damp is None else {"search_damp": a.search_damp}))
+scfg = SearchConfig(rounding=a.rounding, search_damp=a.search_damp)  # None: damp_for's default
 with c.Timer() as t:
     api.fake_quantize(m, QuantConfig(a.bits, a.group_size), a.method, rows, scfg, dtype=torch.bfloat16)
 c.save(m, a.out)
 c.report(t.seconds, **({"rounding": scfg.rounding, "gptq_damp": scfg.gptq_damp, "tune_steps": scfg.tune_steps,
-                        "tune_rows": scfg.tune_rows, "propagate": scfg.propagate, "search_damp": damp_for(scfg, a.bits)} if a.method == "awq" else {}))
+                        "tune_rows": scfg.tune_rows, "propagate": scfg.propagate,
+                        "search_damp": damp_for(scfg, a.bits)} if a.method == "awq" else {}))
