@@ -73,8 +73,8 @@ def test_gpu_layout_round_trip(n, k, gs):
 
 
 def test_gpu_layout_drawn_example():
-    """The example in layout.py: codes k % 16 along one unit give word s = s repeated in every nibble."""
-    codes = (torch.arange(128) % 16).repeat(8, 1)  # [N=8, K=128]
+    """The example in layout.py: codes k // 2 % 16 along one unit give word s = s repeated in every nibble."""
+    codes = (torch.arange(128) // 2 % 16).repeat(8, 1)  # [N=8, K=128]
     qweight = packing.pack(codes.t())  # [K, N/8]
     qzeros = packing.pack(torch.zeros(1, 8, dtype=torch.int64))
     scales = torch.ones(1, 8, dtype=torch.float16)
@@ -82,6 +82,12 @@ def test_gpu_layout_drawn_example():
     words = layout.rows_view(qw)[0, 0]  # row 0, unit 0: 16 words
     assert words[3].item() == 0x33333333
     assert [w & 0xFFFFFFFF for w in words.tolist()] == [0x11111111 * s for s in range(16)]
+    # the drawn rule on random codes: nibble i of word s holds k = 32 (i % 4) + 2 s + i // 4
+    rnd = torch.randint(0, 16, (8, 128), generator=torch.Generator().manual_seed(0))
+    qr, _, _ = layout.repack_gpu(packing.pack(rnd.t()), qzeros, scales, 128)
+    wr = layout.rows_view(qr)[0, 0]
+    assert all(((wr[s].item() >> (4 * i)) & 0xF) == rnd[0, 32 * (i % 4) + 2 * s + i // 4].item()
+               for s in range(16) for i in range(8))
     # the 128 rows' words of one unit are one contiguous tile: row r's 16 words at 16 r
     assert torch.equal(qw[0, 0].reshape(-1)[:16], words)
 

@@ -173,16 +173,16 @@ def test_gemm(n, k, gs, m, dtype, block_m, split, with_bias, block_n):
     check(y, x, awq, gs, b, p)
 
 
-@pytest.mark.parametrize("per_group", [True, False])
+@pytest.mark.parametrize("num_warps", [4, 8])
 @pytest.mark.parametrize("n,k,gs,m,dtype,block_m", pick(
     [(200, 576, 64, 5, BF16, 16), (136, 1024, 32, 40, F16, 32)],
     [(4104, 4096, 128, 5, BF16, 16), (1000, 2880, 64, 40, F16, 32), (200, 4096, 32, 100, BF16, 64),
      (72, 576, -1, 16, F16, 16)]))
-def test_gemm_both_scale_paths(n, k, gs, m, dtype, block_m, per_group):
-    """Scales and zeros once per group (codes as B + q) or once per code: the same numbers."""
+def test_gemm_groups_blocks_and_warps(n, k, gs, m, dtype, block_m, num_warps):
+    """Groups of 32 / 64 (one or two slices a group), 128 and whole rows, every BLOCK_M, 4 or 8 warps."""
     p, awq = packed(n, k, gs)
     x, b = inputs(m, k, n, dtype, True, seed=m)
-    check(T.gemm(x, p, b, block_m=block_m, per_group=per_group), x, awq, gs, b, p)
+    check(T.gemm(x, p, b, block_m=block_m, num_warps=num_warps), x, awq, gs, b, p)
 
 
 @pytest.mark.parametrize("n,k,gs", pick(SMALL_SHAPES, FULL_SHAPES))

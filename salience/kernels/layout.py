@@ -3,29 +3,35 @@
 GPU layout: unit-interleaved codes, tiles of 128 rows x 1 unit stored contiguously
 -------------------------------------------------------------------------------------
 Codes are stored per output row n (like nn.Linear.weight), 8 codes of one row per int32 word. K is cut
-into units of UNIT = 128 codes, 16 words per unit. Inside a unit, word s (0..15) holds in its nibble i
-(bits 4i..4i+3) the code of k = 16 i + s:
+into units of UNIT = 128 codes, 16 words per unit, and each unit into 4 slices of 32 codes (j = 0..3).
+Word s (0..15) holds in its nibbles j and j + 4 the two adjacent codes k = 32 j + 2 s and 32 j + 2 s + 1:
 
-    one row, one unit (128 codes k = 0..127), 16 words w0..w15:
+    one row, one unit (128 codes k = 0..127), 16 words w0..w15, nibble i = bits 4i..4i+3:
 
-                 nibble 7   nibble 6  ...  nibble 1   nibble 0
-      w0  bits: | k=112  | k=96   | ... | k=16   | k=0    |
-      w1        | k=113  | k=97   | ... | k=17   | k=1    |
+                 nibble 7   nibble 6   nibble 5   nibble 4   nibble 3   nibble 2   nibble 1   nibble 0
+      w0  bits: | k=97   | k=65   | k=33   | k=1    | k=96   | k=64   | k=32   | k=0    |
+      w1        | k=99   | k=67   | k=35   | k=3    | k=98   | k=66   | k=34   | k=2    |
       ...
-      w15       | k=127  | k=111  | ... | k=31   | k=15   |
+      w15       | k=127  | k=95   | k=63   | k=31   | k=126  | k=94   | k=62   | k=30   |
+                  `-------- pair j + 4 (odd k) ------'   `------- pair j (even k) ---------'
 
-    e.g. codes k=0..127 of row n = 0, 1, 2, ..., 15, 0, 1, 2, ...  (k % 16), then
+    nibble i  <-  k = 32 (i % 4) + 2 s + i // 4
+
+    e.g. codes k=0..127 of a row = k // 2 % 16 (0, 0, 1, 1, ..., 15, 15, 0, 0, ...), then
          w_s holds the code s in all 8 nibbles: w3 = 0x33333333
 
-So nibble i of the 16 words of a unit (one 64-byte load) gives 16 consecutive codes, k = 16i .. 16i+15:
-a kernel shifts a whole [rows, 16] tile by 4i and multiplies it with x[16i : 16i + 16]; no gather, no
-shuffle. A 16-code slice never straddles a group for group sizes 32, 64, 128, ...
+Why: one mask keeps nibbles j and j + 4 of a word, the 16-bit halves of a 32-bit register, and with the
+bits of a 16-bit float (0x6400: 1024, fp16; 0x4300: 128, bf16) or-ed in, one LOP3 gives the pair of
+exact floats (B + q[32 j + 2 s], B + q[32 j + 2 s + 1]): two ADJACENT k, which is what one register of a
+tensor-core operand holds, and what the M = 1 GEMV multiplies with one 32-bit pair of x. The 16 words of
+slice j are then a [rows, 32] tile of codes in natural k order against x[32 j : 32 j + 32] (contiguous),
+with no gather and no shuffle. A slice never straddles a group of 32, 64, 128, ...
 
 Rows are then taken in blocks of 128, and the 128 rows' words of one unit form one contiguous 8 KiB
 tile; a block's tiles follow each other along K:
 
     qweight int32 [Np/128, Kp/128, 128, 16]     [row block b, unit u, row r, word s]
-                                                 nibble i  <-  code (128b + r, 128u + 16i + s)
+                                                 nibble i  <-  code (128b + r, 128u + 32 (i % 4) + 2s + i // 4)
 
     memory:  | b=0,u=0: rows 0..127 x 16 words | b=0,u=1: rows 0..127 | ... | b=1,u=0: rows 128..255 | ...
                   (8 KiB, contiguous)              (8 KiB)
@@ -110,7 +116,8 @@ def repack_gpu(qweight, qzeros, scales, group_size: int):
     np_, kp = -(-n // N_ALIGN) * N_ALIGN, -(-k // UNIT) * UNIT
     gp = -(-kp // kgs)
     codes = _pad(unpack_awq(qweight).t().to(torch.int64), np_, kp)  # [Np, Kp]
-    c = codes.reshape(np_, kp // UNIT, 8, WORDS).transpose(2, 3)  # [Np, units, s, i]
+    # k = 128 u + 32 j + 2 s + h  ->  word s, nibble i = j + 4 h
+    c = codes.reshape(np_, kp // UNIT, 4, WORDS, 2).permute(0, 1, 3, 4, 2).reshape(np_, kp // UNIT, WORDS, 8)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=c.device)
     words = (c << shifts).sum(dim=-1)  # [Np, units, 16], < 2^32, nibbles do not overlap
     # [Np, units, 16] -> [Np/128, 128, units, 16] -> [Np/128, units, 128, 16]: an 8 KiB tile per (block, unit)
@@ -146,8 +153,9 @@ def unpack_gpu(qw: torch.Tensor) -> torch.Tensor:
     w = rows_view(qw)  # [Np, units, 16]
     np_, units, _ = w.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qw.device)
-    nib = (w[..., None] >> shifts) & 0xF  # [Np, units, s, i]
-    return nib.transpose(2, 3).reshape(np_, units * UNIT).to(torch.uint8)
+    nib = (w[..., None] >> shifts) & 0xF  # [Np, units, s, i = j + 4 h]
+    nib = nib.reshape(np_, units, WORDS, 2, 4).permute(0, 1, 4, 2, 3)  # [Np, units, j, s, h]: k = 32 j + 2 s + h
+    return nib.reshape(np_, units * UNIT).to(torch.uint8)
 
 
 def repack_cpu(qweight, qzeros, scales, group_size: int, dtype: torch.dtype):

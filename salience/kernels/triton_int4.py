@@ -9,8 +9,8 @@ judged by effective bandwidth (bytes of weights, scales, zeros, x and out per ca
                    math is fp16x2 by inline PTX (_h2_unit, drawn above _H2_WORD), or fp32 (h2=False).
   _gemv_kernel     M = 1, group sizes 32/64 or K not a multiple of 128: the same math, the next
                    unit's words, scales and x loaded by hand while the current one computes.
-  _gemm_kernel     M up to a few hundred: a [BLOCK_N, 16] slice of codes, made 16-bit floats in
-                   registers, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
+  _gemm_kernel     M up to a few hundred: a [BLOCK_N, 32] slice of exact q - z, made 16-bit floats two
+                   codes an instruction, is the tensor cores' A operand, tokens are B (acc [BLOCK_N, BLOCK_M]).
   _dequant_kernel  prefill: write the dense weight [N, K] once, then cuBLAS (F.linear) does the GEMM.
 
 The GEMVs also take a transformer's elementwise neighbours (int4_linear's rms=, glu=, residual=, emit=),
@@ -209,36 +209,28 @@ def _tile_rows(w_ptr, pid_n, N, BN: tl.constexpr, SWB, SWR, GLU: tl.constexpr):
 
 
 @triton.jit
+def _x_pair(ptrs, ok):
+    """x at ptrs [..., 2] (two adjacent k, one contiguous run) -> (even k, odd k) vectors, masked by ok."""
+    return tl.split(tl.load(ptrs, mask=ok, other=0.0))
+
+
+@triton.jit
 def _x_unit(x_row, u, ok, K, MASK_K: tl.constexpr):
-    """x of one unit as 8 vectors of 16 (nibble i: k = 128u + 16i + 0..15), masked by ok [16]."""
-    base = x_row + u * 128
-    r = tl.arange(0, _WORDS)
+    """x of one unit as 8 vectors of 16, one per nibble i: x[128 u + 32 (i % 4) + 2 s + i // 4], s = 0..15
+    (layout.py), masked by ok [16]; loaded as 4 contiguous slices of 32 and split into even and odd k."""
+    r = 2 * tl.arange(0, _WORDS)[:, None] + tl.arange(0, 2)[None, :]  # [16, 2]: 2 s + h
+    base = x_row + u * 128 + r
+    ok2 = ok[:, None] & (r >= 0)
     if MASK_K:
-        ok = ok & (u * 128 + r < K)
-    x0 = tl.load(base, mask=ok, other=0.0)
-    if MASK_K:
-        ok1 = ok & (u * 128 + 16 + r < K)
-        ok2 = ok & (u * 128 + 32 + r < K)
-        ok3 = ok & (u * 128 + 48 + r < K)
-        ok4 = ok & (u * 128 + 64 + r < K)
-        ok5 = ok & (u * 128 + 80 + r < K)
-        ok6 = ok & (u * 128 + 96 + r < K)
-        ok7 = ok & (u * 128 + 112 + r < K)
+        x0, x4 = _x_pair(base, ok2 & (u * 128 + r < K))
+        x1, x5 = _x_pair(base + 32, ok2 & (u * 128 + 32 + r < K))
+        x2, x6 = _x_pair(base + 64, ok2 & (u * 128 + 64 + r < K))
+        x3, x7 = _x_pair(base + 96, ok2 & (u * 128 + 96 + r < K))
     else:
-        ok1 = ok
-        ok2 = ok
-        ok3 = ok
-        ok4 = ok
-        ok5 = ok
-        ok6 = ok
-        ok7 = ok
-    x1 = tl.load(base + 16, mask=ok1, other=0.0)
-    x2 = tl.load(base + 32, mask=ok2, other=0.0)
-    x3 = tl.load(base + 48, mask=ok3, other=0.0)
-    x4 = tl.load(base + 64, mask=ok4, other=0.0)
-    x5 = tl.load(base + 80, mask=ok5, other=0.0)
-    x6 = tl.load(base + 96, mask=ok6, other=0.0)
-    x7 = tl.load(base + 112, mask=ok7, other=0.0)
+        x0, x4 = _x_pair(base, ok2)
+        x1, x5 = _x_pair(base + 32, ok2)
+        x2, x6 = _x_pair(base + 64, ok2)
+        x3, x7 = _x_pair(base + 96, ok2)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -264,11 +256,11 @@ def _pick8(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 # fp16x2 math of the M = 1 GEMV (_gemv_wide_kernel with H2), per 4 words of one row and unit (pack=4):
 #
-#   word (8 nibbles, nibble i = code of k = 16 i + s):   | n7 | n6 | n5 | n4 | n3 | n2 | n1 | n0 |
-#   w        & 0x000F000F | 0x64006400 -> fp16 pair (1024 + n0, 1024 + n4)        x' pair (x'[s],      x'[64 + s])
-#   w        & 0x00F000F0 | 0x64006400 -> fp16 pair (1024 + 16 n1, 1024 + 16 n5)  x' pair (x'[16 + s], x'[80 + s])
-#   (w >> 8) & 0x000F000F | 0x64006400 -> (1024 + n2, 1024 + n6)                  x' pair (x'[32 + s], x'[96 + s])
-#   (w >> 8) & 0x00F000F0 | 0x64006400 -> (1024 + 16 n3, 1024 + 16 n7)            x' pair (x'[48 + s], x'[112 + s])
+#   word s (nibble i = code of k = 32 (i % 4) + 2 s + i // 4, layout.py):  | n7 | n6 | n5 | n4 | n3 | n2 | n1 | n0 |
+#   w        & 0x000F000F | 0x64006400 -> fp16 pair (1024 + n0, 1024 + n4)        x' pair (x'[2 s],      x'[2 s + 1])
+#   w        & 0x00F000F0 | 0x64006400 -> fp16 pair (1024 + 16 n1, 1024 + 16 n5)  x' pair (x'[32 + 2 s], x'[33 + 2 s])
+#   (w >> 8) & 0x000F000F | 0x64006400 -> (1024 + n2, 1024 + n6)                  x' pair (x'[64 + 2 s], x'[65 + 2 s])
+#   (w >> 8) & 0x00F000F0 | 0x64006400 -> (1024 + 16 n3, 1024 + 16 n7)            x' pair (x'[96 + 2 s], x'[97 + 2 s])
 #
 # One LOP3 a pair (one shift a word), minus the row's 1024 + z (1024 + 16 z) gives q - z (16 (q - z))
 # exactly (HSUB2), times the x' pair summed in fp16x2 (HFMA2) over the 4 words, the 16 (q - z) sums times
@@ -340,19 +332,15 @@ def _pair16(a, b):
 
 @triton.jit
 def _h2_unit(words, sz, xb, xo, scale, EMULATE: tl.constexpr):
-    """One step of the fp16x2 GEMV: sum_i (q_i - z) x'[16 i + s] * s_row for words [BN, U, 16] (a
+    """One step of the fp16x2 GEMV: sum_i (q_i - z) x'[32 (i % 4) + 2 s + i // 4] * s_row for words [BN, U, 16] (a
     [BN, U, 16] fp32 term whose sum over words is the step's contribution), x' from xb = x of the units
-    ([U, 16] pointers of nibble 0; masked by xo [U, 1]). EMULATE (Triton's CPU interpreter, which runs no
+    ([U, 16, 2] pointers of slice 0, x[2 s + h]; masked by xo [U, 1, 1]). EMULATE (Triton's CPU interpreter, which runs no
     inline PTX): the same sum with fp32 products of the fp16 x'."""
     s, z = _sz_fields(sz)  # [BN, U]; z < 16
-    x0 = _x16(xb, xo, scale)
-    x1 = _x16(xb + 16, xo, scale)
-    x2 = _x16(xb + 32, xo, scale)
-    x3 = _x16(xb + 48, xo, scale)
-    x4 = _x16(xb + 64, xo, scale)
-    x5 = _x16(xb + 80, xo, scale)
-    x6 = _x16(xb + 96, xo, scale)
-    x7 = _x16(xb + 112, xo, scale)
+    x0, x4 = tl.split(_x16(xb, xo, scale))  # x' of nibbles j (even k) and j + 4 (odd k), [U, 16]
+    x1, x5 = tl.split(_x16(xb + 32, xo, scale))
+    x2, x6 = tl.split(_x16(xb + 64, xo, scale))
+    x3, x7 = tl.split(_x16(xb + 96, xo, scale))
     if EMULATE:
         r = tl.zeros(words.shape, dtype=tl.float32)
         for i in tl.static_range(8):
@@ -386,7 +374,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
     Fused neighbours (int4_linear's rms=, glu=, residual=, emit=), all outside the main loop: RMS, the
     RMSNorm of row q (RB >= K of its values, summed before the loop) scales the output (_rms_scale); GLU,
     tiles of interleaved gate/up rows (_tile_rows) and act(gate) * up stored; HAS_RES, EMIT (_store_out)."""
-    NPG: tl.constexpr = 8 // SUB  # nibbles per group
+    NPG: tl.constexpr = 8 // SUB  # nibbles per group (2 per slice of 32 codes)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -394,7 +382,7 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
     rn, w_rows, cols = _tile_rows(w_ptr, pid_n, N, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None] + rs[None, :]  # [BN, 16]
     sz_row = sz_ptr + rn  # [BN]
-    x_row = x_ptr + m * stride_xm + rs  # [16]
+    x_row = x_ptr + m * stride_xm
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
@@ -410,19 +398,20 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr, o2_p
         if SUB == 1:
             nsz = tl.load(sz_row + ((u + 1) // UPG) * NP, mask=_below(u + 1, u_hi, [BN]), other=0)
             s16, c = _scale_zero(sz)
-        for i in tl.static_range(8):
+        for t in tl.static_range(8):  # nibbles in k order of their slices: 0, 4, 1, 5, 2, 6, 3, 7, so that
+            # a group's nibbles come in one run (slice t // 2 holds k = 32 (t // 2) .. + 31)
+            xi = _pick8(t // 2 + 4 * (t % 2), x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)
+            v = _nibble_f32(words, t // 2 + 4 * (t % 2), ONE)  # [BN, 16]
             if SUB > 1:
-                if i % NPG == 0:
-                    s16, c = _scale_zero(tl.load(sz_row + (u * SUB + i // NPG) * NP))
-            xi = _pick8(i, x0, x1, x2, x3, x4, x5, x6, x7).to(tl.float32)
-            v = _nibble_f32(words, i, ONE)  # [BN, 16]
-            if i % NPG == 0:
+                if t % NPG == 0:
+                    s16, c = _scale_zero(tl.load(sz_row + (u * SUB + t // NPG) * NP))
+            if t % NPG == 0:
                 p = v * xi[None, :]
                 xs = xi
             else:
                 p += v * xi[None, :]
                 xs += xi
-            if i % NPG == NPG - 1:
+            if t % NPG == NPG - 1:
                 acc += p * s16[:, None] + xs[None, :] * c[:, None]
         words = nxt
         x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
@@ -468,7 +457,8 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
     rs = tl.arange(0, _WORDS)
     rn, w_rows, cols = _tile_rows(w_ptr, pid_n, N, BN, SWB, SWR, GLU)  # [BN], [BN], [BN or BN / 2]
     w_base = w_rows[:, None, None] + ru[None, :, None] * SWU + rs[None, None, :]  # [BN, U, 16]
-    x_base = x_ptr + m * stride_xm + ru[:, None] * 128 + rs[None, :]  # [U, 16]
+    # [U, 16, 2]: x[128 (u + ru) + 2 s + h], the even and odd k of the pairs of nibbles (j, j + 4) at + 32 j
+    x_base = x_ptr + m * stride_xm + ru[:, None, None] * 128 + 2 * rs[None, :, None] + tl.arange(0, 2)[None, None, :]
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     ss = _rms_sumsq(q_ptr + m * stride_qm, K, RB, RMS)
@@ -483,18 +473,20 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
         words = tl.load(w_base + u * SWU, mask=uok[None, :, None], other=0)
         sz = tl.load(sz_ptr + ((u + ru) // UPG)[None, :] * NP + rn[:, None], mask=uok[None, :], other=0)  # [BN, U]
         if H2:
-            acc += _h2_unit(words, sz, x_base + u * 128, uok[:, None], scale, EMULATE)
+            acc += _h2_unit(words, sz, x_base + u * 128, uok[:, None, None], scale, EMULATE)
         else:
             s16, c = _scale_zero(sz)
-            for i in tl.static_range(8):
-                xi = tl.load(x_base + u * 128 + i * 16, mask=uok[:, None], other=0.0).to(tl.float32)  # [U, 16]
-                v = _nibble_f32(words, i, ONE)  # [BN, U, 16]
-                if i == 0:
-                    p = v * xi[None, :, :]
-                    xs = xi
-                else:
-                    p += v * xi[None, :, :]
-                    xs += xi
+            for j in tl.static_range(4):
+                xe, xo = _x_pair(x_base + u * 128 + 32 * j, uok[:, None, None])  # [U, 16] each
+                for h in tl.static_range(2):
+                    xi = (xe if h == 0 else xo).to(tl.float32)
+                    v = _nibble_f32(words, j + 4 * h, ONE)  # [BN, U, 16]
+                    if j + h == 0:
+                        p = v * xi[None, :, :]
+                        xs = xi
+                    else:
+                        p += v * xi[None, :, :]
+                        xs += xi
             if STEP_SUM:
                 acc += tl.sum(p, axis=2) * s16 + c * tl.sum(xs, axis=1)[None, :]  # [BN, U]
             else:
@@ -513,88 +505,91 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
               GLU, EMIT, SPLIT)
 
 
+# The GEMM's decode, per word and slice j: one shift, one LOP3 and one 16-bit float pair subtraction give
+# exact q - z for the two adjacent codes k = 32 j + 2 s, 32 j + 2 s + 1 (nibbles j, j + 4; layout.py):
+#
+#   t = (w >> 4j) & 0x000F000F | M        (B + q_even, B + q_odd)   M = 0x43004300 (bf16, B = 128) or 0x64006400 (fp16, 1024)
+#   a = t - (B + z, B + z)               (q_even - z, q_odd - z)   sub.{bf16,f16}x2: exact, |q - z| <= 15
+#
+# and a is already one register of the tensor cores' A operand (two adjacent k of one row).
+_PZ_BF16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; sub.rn.bf16x2 $0, t, $2; }")
+_PZ_F16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; sub.rn.f16x2 $0, t, $2; }")
+
+
 @triton.jit
-def _codes_as(words, i: tl.constexpr, dtype: tl.constexpr):
-    """Nibble i of each word as the 16-bit float B + q (exact): bf16 0x4300 | q = 128 + q,
-    fp16 0x6400 | q = 1024 + q. Two integer ops per code, no float math."""
-    if dtype == tl.bfloat16:
-        t = ((words >> (4 * i)) & 0xF) | 0x4300
+def _qz_slice(words, zz, z, j: tl.constexpr, dt: tl.constexpr, BN: tl.constexpr, EMULATE: tl.constexpr):
+    """[BN, 32] exact q - z of slice j (k = 32 j .. 32 j + 31 of each row's unit, natural order) from words
+    [BN, 16]; zz [BN, 1] the int32 pair (B + z, B + z), z [BN, 1]. EMULATE (the CPU interpreter, which runs
+    no inline PTX and mishandles 16-bit float bit patterns): the same values in fp32."""
+    if EMULATE:
+        lo = (((words >> (4 * j)) & 0xF) - z).to(tl.float32)
+        hi = (((words >> (4 * j + 16)) & 0xF) - z).to(tl.float32)
     else:
-        t = ((words >> (4 * i)) & 0xF) | 0x6400
-    return t.to(tl.int16).to(dtype, bitcast=True)
+        w = words >> (4 * j) if j > 0 else words
+        if dt == tl.bfloat16:
+            t = tl.inline_asm_elementwise(_PZ_BF16, "=r,r,r", [w, zz], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            t = tl.inline_asm_elementwise(_PZ_F16, "=r,r,r", [w, zz], dtype=tl.int32, is_pure=True, pack=1)
+        lo = t.to(tl.int16).to(dt, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(dt, bitcast=True)
+    return tl.join(lo, hi).reshape(BN, 32)  # (even, odd) k adjacent: natural order
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, NP, SWB, SWR, SWU, UPG, n_units, units_per_split, stride_xm, stride_om,
-                 BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr,
-                 MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """One unit (128 codes of K) per step, 8 nibble slices of [BN, 16], times x[:, 16 codes].T on the
-    tensor cores (wgmma, A from registers); acc is [BN, BM]. Words, scales (4-byte loads) and x are
-    pipelined by Triton (num_stages). Two ways to apply scales and zeros:
+                 BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """One unit (128 codes of K) per step: 4 slices of [BN, 32] exact q - z (_qz_slice: 1.5 instructions
+    a code, no layout conversion: Triton loads the words from its cp.async ring straight into the A
+    operand's registers) times x[:, 32 codes].T (contiguous, pipelined) on the tensor cores (wgmma, A
+    from registers), acc [BN, BM]; the fp32 partial of each group times its scales:
 
-    PER_GROUP (small BM): the tensor cores multiply the codes themselves, as the exact 16-bit floats
-    B + q (B = 128 for bf16, 1024 for fp16; two integer ops per code), and per group and token
+        sum_k (q - z) s x  =  s * sum_k (q - z) x
 
-        sum_k (q - z) s x  =  s * part - (B + z) s * X,   part = sum_k (B + q) x,  X = sum_k x
-
-    in fp32, once per group rather than once per code ([BN, BM] work per group: cheap while BM is).
-    Otherwise each code is dequantized, (q - z) * s = fma(v, 16s, c) rounded to x's dtype (exactly the
-    spec's weight), and the dots accumulate straight into acc."""
-    NPG: tl.constexpr = 8 // SUB  # nibble slices per group
+    SUB = groups per unit (1: group size a multiple of 128; 2: 64; 4: 32): a group is 4 / SUB slices.
+    H200 against the previous GEMM (8 slices of B + q, 3 integer ops a code, x sums for the zeros):
+    1.25-1.61x at M = 2-16, 1.26-1.39x at M = 32-64 (benchmarks/lab/gemm_lab.py, h200/s10/run1)."""
+    SPG: tl.constexpr = 4 // SUB  # slices per group (SUB == 1: the group is the unit, or several units)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rs = tl.arange(0, _WORDS)
+    r32 = tl.arange(0, 32)
     w_base = _w_rows(w_ptr, pid_n, BN, SWB, SWR)[:, None] + rs[None, :]  # [BN, 16]
-    x_base = x_ptr + rm[:, None] * stride_xm + rs[None, :]  # [BM, 16]
+    x_base = x_ptr + rm[:, None] * stride_xm + r32[None, :]  # [BM, 32]
     m_ok = rm[:, None] < M
     u_lo = pid_k * units_per_split
     u_hi = tl.minimum(u_lo + units_per_split, n_units)
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    B: tl.constexpr = 128.0 if dt == tl.bfloat16 else 1024.0
+    MAG: tl.constexpr = 0x4300 if dt == tl.bfloat16 else 0x6400
 
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for u in range(u_lo, u_hi):
         words = tl.load(w_base + u * SWU)  # [BN, 16] int32
-        xk = x_base + u * 128
-        for i in tl.static_range(8):
-            if i % NPG == 0:
-                sz = tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn) if SUB > 1 else \
-                    tl.load(sz_ptr + (u // UPG) * NP + rn)
-                if not PER_GROUP:
-                    s16, c = _scale_zero(sz)
-                    s16 = s16[:, None]
-                    c = c[:, None]
-            if MASK_K:
-                xi = tl.load(xk + i * 16, mask=m_ok & (u * 128 + i * 16 + rs[None, :] < K), other=0.0)
-            else:
-                xi = tl.load(xk + i * 16, mask=m_ok, other=0.0)
-            if PER_GROUP:
-                wi = _codes_as(words, i, dt)  # [BN, 16]
-            else:
-                wi = (_nibble_f32(words, i, 0x3F800000) * s16 + c).to(dt)  # exact, rounded once
-            if DOT_F32:  # Triton's CPU interpreter multiplies 16-bit float bit patterns as integers
-                wi = wi.to(tl.float32)
-                xd = xi.to(tl.float32)
-            else:
-                xd = xi
-            if PER_GROUP:
-                xf = xi.to(tl.float32)
-                if i % NPG == 0:
-                    part = tl.dot(wi, tl.trans(xd))  # [BN, BM]
-                    xs = xf
+        for j in tl.static_range(4):
+            if j % SPG == 0:
+                if SUB > 1:
+                    sz = tl.load(sz_ptr + (u * SUB + j // SPG) * NP + rn)
                 else:
-                    part = tl.dot(wi, tl.trans(xd), part)
-                    xs += xf
-                if i % NPG == NPG - 1:
-                    s, z = _sz_fields(sz)
-                    X = tl.sum(xs, axis=1)  # [BM]
-                    acc += part * s[:, None] - ((z.to(tl.float32) + B) * s)[:, None] * X[None, :]
+                    sz = tl.load(sz_ptr + (u // UPG) * NP + rn)
+                s, z = _sz_fields(sz)
+                zz = ((MAG | z) * 0x10001)[:, None]
+            a = _qz_slice(words, zz, z[:, None], j, dt, BN, EMULATE)
+            if MASK_K:
+                xj = tl.load(x_base + u * 128 + 32 * j, mask=m_ok & (u * 128 + 32 * j + r32[None, :] < K), other=0.0)
             else:
-                acc = tl.dot(wi, tl.trans(xd), acc)
+                xj = tl.load(x_base + u * 128 + 32 * j, mask=m_ok, other=0.0)  # [BM, 32]
+            if EMULATE:
+                xj = xj.to(tl.float32)
+            if j % SPG == 0:
+                part = tl.dot(a, tl.trans(xj))  # [BN, BM]
+            else:
+                part = tl.dot(a, tl.trans(xj), part)
+            if j % SPG == SPG - 1:
+                acc += part * s[:, None]
     tile = pid_m * tl.num_programs(0) + pid_n
     _epilogue(tl.trans(acc), rm, rn, rn, tile, pid_k, tl.num_programs(2), M, N, NP, b_ptr, out_ptr, out_ptr, out_ptr,
               out_ptr, ws_ptr, lock_ptr, stride_om, 0, HAS_BIAS, False, 0, False, SPLIT)
@@ -603,30 +598,33 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
 @triton.jit(do_not_specialize=["N", "K", "n_units", "ONE"])
 def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, SWB, SWR, SWU, UPG, n_units, ONE,
                     BN: tl.constexpr, NU: tl.constexpr, SUB: tl.constexpr):
-    """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program."""
-    NPG: tl.constexpr = 8 // SUB
+    """out [N, K] = (q - z) * s in out's dtype, for BN rows and NU units per program; each slice of 32
+    codes (nibbles j and j + 4: even and odd k) joined into one contiguous [BN, 32] store."""
+    SPG: tl.constexpr = 4 // SUB
     pid_n = tl.program_id(0)
     pid_u = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     rs = tl.arange(0, _WORDS)
+    r32 = tl.arange(0, 32)
     n_ok = rn[:, None] < N
     w_rows = _w_rows(w_ptr, pid_n, BN, SWB, SWR)
     for r in tl.static_range(NU):
         u = pid_u * NU + r
         u_ok = _below(u, n_units, [BN])
         words = tl.load(w_rows[:, None] + u * SWU + rs[None, :], mask=u_ok[:, None], other=0)
-        if SUB == 1:
-            s16, c = _scale_zero(tl.load(sz_ptr + (u // UPG) * NP + rn, mask=u_ok, other=0))
-            s16 = s16[:, None]
-            c = c[:, None]
-        for i in tl.static_range(8):
-            if SUB > 1:
-                if i % NPG == 0:
-                    s16, c = _scale_zero(tl.load(sz_ptr + (u * SUB + i // NPG) * NP + rn, mask=u_ok, other=0))
-                    s16 = s16[:, None]
-                    c = c[:, None]
-            k = u * 128 + i * 16 + rs  # [16]
-            w = _nibble_f32(words, i, ONE) * s16 + c
+        for j in tl.static_range(4):
+            if j % SPG == 0:
+                if SUB > 1:
+                    sz = tl.load(sz_ptr + (u * SUB + j // SPG) * NP + rn, mask=u_ok, other=0)
+                else:
+                    sz = tl.load(sz_ptr + (u // UPG) * NP + rn, mask=u_ok, other=0)
+                s16, c = _scale_zero(sz)
+                s16 = s16[:, None]
+                c = c[:, None]
+            lo = _nibble_f32(words, j, ONE) * s16 + c
+            hi = _nibble_f32(words, j + 4, ONE) * s16 + c
+            w = tl.join(lo, hi).reshape(BN, 32)
+            k = u * 128 + 32 * j + r32  # [32]
             tl.store(out_ptr + rn[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=n_ok & (k < K)[None, :])
 
@@ -795,11 +793,12 @@ def _gemm_config(m: int, k: int):
     4-wave splits the narrow matrices (N = 4096-6144) lost 15-50 % at M = 64 to partials (o_proj 27.0 ->
     18.5 us with 4 splits) and a few % at M = 4-16."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    return bm, 128, 4, 3, max(1, min(8, k // (16 * m)))
+    # 8 warps at BLOCK_M 64: 7B qkv 26.4 against 31.2 us with 4 (h200/s10/run1 gemm_lab; 4 best below)
+    return bm, 128, 8 if bm == 64 else 4, 3, max(1, min(8, k // (16 * m)))
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
-         per_group=None, maxnreg=None):
+         maxnreg=None):
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
@@ -807,7 +806,6 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     bm, bn = block_m or bm, block_n or bn
     _check_block_n(bn)
     nw, ns = num_warps or nw, num_stages or ns
-    per_group = bm <= 16 if per_group is None else per_group
     out = torch.empty(m, p.n, device=x2.device, dtype=x2.dtype)
     tn, tm = np_ // bn, triton.cdiv(m, bm)
     n_split, ups = _split(tn * tm, n_units, 1, _n_sms(x2), split, cap=cap)
@@ -815,8 +813,8 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     _gemm_kernel[(tn, tm, n_split)](
         *_launch_args(x2, p, bias, out, n_split, m, np_),
         m, p.n, k, np_, *strides, upg, n_units, ups, x2.stride(0), out.stride(0),
-        BM=bm, BN=bn, SUB=sub, PER_GROUP=per_group, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
-        SPLIT=n_split > 1, DOT_F32=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
+        BM=bm, BN=bn, SUB=sub, MASK_K=(k % UNIT != 0), HAS_BIAS=bias is not None,
+        SPLIT=n_split > 1, EMULATE=_interpreted(), num_warps=nw, num_stages=ns, **_reg_cap(maxnreg))
     return out
 
 
