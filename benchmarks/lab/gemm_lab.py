@@ -300,11 +300,33 @@ def _save(out, rows):
                                                        "rows": rows}, indent=1))
 
 
+def m1(out):
+    """M = 1: the production GEMV against the production GEMM forced to one token (7B/8B shapes, bf16)."""
+    from benchmarks.int4_kernels import copy_packed, gpu_time, n_copies, int4_bytes
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    shapes = [("7B qkv", 4096, 12288), ("7B o", 4096, 4096), ("7B gate_up", 4096, 22016), ("7B down", 11008, 4096),
+              ("8B qkv", 4096, 6144), ("8B gate_up", 4096, 28672), ("8B down", 14336, 4096)]
+    rows = []
+    for name, x, p in _cases("cuda", shapes, (1,), (torch.bfloat16,)):
+        k = x.shape[1]
+        copies = [p] + [copy_packed(p) for _ in range(n_copies(int4_bytes(p.n, k, 1), l2) - 1)]
+        r = {"shape": name, "gemv_us": gpu_time([lambda q=q: T.gemv(x, q) for q in copies])[0] * 1e6,
+             "gemm_us": gpu_time([lambda q=q: T.gemm(x, q) for q in copies])[0] * 1e6}
+        rows.append(r)
+        print(f"M=1 {name:12s}: GEMV {r['gemv_us']:.1f} us, GEMM {r['gemm_us']:.1f} us", flush=True)
+        del copies
+    if out:
+        (out / "gemm_lab_m1.json").write_text(json.dumps(rows, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="correctness only (small shapes)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--m1", action="store_true", help="only M = 1: GEMV against GEMM (production kernels)")
     a = ap.parse_args()
+    if a.m1:
+        return m1(a.out)
     check()
     if torch.cuda.is_available() and not a.check:
         bench(a.out)

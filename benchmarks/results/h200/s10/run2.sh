@@ -6,9 +6,10 @@ export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
 timeout 180 python -m pytest -q -n 8 tests/test_kernels_triton.py tests/test_engine_fused.py tests/test_engine_cuda.py \
   tests/test_engine_attn_kernel.py tests/test_attention_kernel.py > $OUT/tests.log 2>&1; tail -3 $OUT/tests.log
 grep -E "^FAILED|Error" $OUT/tests.log | head -8 | cut -c1-300
-timeout 175 python benchmarks/int4_kernels.py --no-gemlite --deadline 140 --out $OUT > $OUT/kernels.log 2>&1
+timeout 165 python benchmarks/int4_kernels.py --no-gemlite --deadline 130 --out $OUT > $OUT/kernels.log 2>&1
 grep -A40 "## Targets" $OUT/kernels.md | cut -c1-250 | head -30
-timeout 175 python benchmarks/decode.py --shapes llama2-7b llama3-8b --batch 1 4 16 --prompt 128 2048 \
-  --backends engine-w4 engine-fp16 hf-static --hf-static 1x128 --budget 150 --out $OUT/decode > $OUT/decode.log 2>&1
+timeout 45 python benchmarks/lab/gemm_lab.py --m1 --out $OUT > $OUT/m1.log 2>&1; grep "^M=1" $OUT/m1.log
+timeout 165 python benchmarks/decode.py --shapes llama2-7b llama3-8b --batch 1 4 16 --prompt 128 2048 \
+  --backends engine-w4 engine-fp16 hf-static --hf-static 1x128 --budget 140 --out $OUT/decode > $OUT/decode.log 2>&1
 grep "^|" $OUT/decode.md
 cd $OUT && tar czf all.tgz * 2>/dev/null
