@@ -76,7 +76,8 @@ class SearchConfig:
     # calibration text's activations favour. 0: the reference loss. None: damp_for(bits), 0.3 at 4 bits,
     # chosen there on a held-out text (Moby Dick) among 0, 0.1, 0.3 across SmolLM2 g64 and Gemma-3-270M g128
     # (benchmarks/results/ablation-choice-damp.md; 1 was worse on both texts,
-    # ablation-smollm2-g64-damp-robust.log); 0 at other widths: at INT3 0.3 gave worse wiki perplexity
+    # ablation-smollm2-g64-damp-robust.log; 0.5 and 1 worse than 0.3 on Moby Dick on both models in the
+    # three-calibration runs ablation-*-damp-robust.md); 0 at other widths: at INT3 0.3 gave worse wiki perplexity
     # (SmolLM2 g32 36.326 vs 34.727, g64 43.684 vs 43.355) and no held-out choice was made there
     search_damp: float | None = None
     tune_steps: int = 200
