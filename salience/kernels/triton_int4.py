@@ -508,11 +508,12 @@ def _gemv_wide_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, q_ptr, e_ptr, out_ptr,
 # The GEMM's decode, per word and slice j: one shift, one LOP3 and one 16-bit float pair subtraction give
 # exact q - z for the two adjacent codes k = 32 j + 2 s, 32 j + 2 s + 1 (nibbles j, j + 4; layout.py):
 #
-#   t = (w >> 4j) & 0x000F000F | M        (B + q_even, B + q_odd)   M = 0x43004300 (bf16, B = 128) or 0x64006400 (fp16, 1024)
-#   a = t - (B + z, B + z)               (q_even - z, q_odd - z)   sub.{bf16,f16}x2: exact, |q - z| <= 15
+#   t = (w >> 4j) & 0x000F000F | M    (B + q_even, B + q_odd)   M = 0x43004300 (bf16, B = 128), 0x64006400 (fp16)
+#   a = t - (B + z, B + z)           (q_even - z, q_odd - z)   sub.{bf16,f16}x2: exact, |q - z| <= 15
 #
 # and a is already one register of the tensor cores' A operand (two adjacent k of one row).
-_PZ_BF16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; sub.rn.bf16x2 $0, t, $2; }")
+_PZ_BF16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; "
+                        "sub.rn.bf16x2 $0, t, $2; }")
 _PZ_F16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; sub.rn.f16x2 $0, t, $2; }")
 
 
@@ -579,7 +580,8 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
                 zz = ((MAG | z) * 0x10001)[:, None]
             a = _qz_slice(words, zz, z[:, None], j, dt, BN, EMULATE)
             if MASK_K:
-                xj = tl.load(x_base + u * 128 + 32 * j, mask=m_ok & (u * 128 + 32 * j + r32[None, :] < K), other=0.0)
+                xj = tl.load(x_base + u * 128 + 32 * j, mask=m_ok & (u * 128 + 32 * j + r32[None, :] < K),
+                             other=0.0)
             else:
                 xj = tl.load(x_base + u * 128 + 32 * j, mask=m_ok, other=0.0)  # [BM, 32]
             if EMULATE:
