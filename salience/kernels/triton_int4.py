@@ -176,6 +176,15 @@ def _epilogue(acc, rm, rn, cols, tile, pid_k, n_split, M, N, NP, b_ptr, r_ptr, e
 
 
 @triton.jit
+def _slice_group(u, j: tl.constexpr, SUB: tl.constexpr, UPG):
+    """Row of sz (the group) of slice j (32 codes) of unit u: SUB groups a unit (4: groups of 32, one a slice;
+    2: groups of 64, two slices each), or one group for UPG units (SUB == 1)."""
+    if SUB > 1:
+        return u * SUB + j // (4 // SUB)
+    return u // UPG
+
+
+@triton.jit
 def _below(a, b, SHAPE: tl.constexpr):
     """The scalar a < b as a tensor mask (Triton's CPU interpreter wants tensor masks)."""
     return tl.zeros(SHAPE, dtype=tl.int32) + a < b
@@ -215,22 +224,24 @@ def _x_pair(ptrs, ok):
 
 
 @triton.jit
+def _x_slice(x_row, r, ok, j: tl.constexpr, K, MASK_K: tl.constexpr):
+    """x of slice j, k = r + 32 j (r [16, 2]: 128 u + 2 s + h) -> (even k, odd k) vectors [16], masked by ok
+    [16, 2] (and by k < K with MASK_K)."""
+    if MASK_K:
+        ok = ok & (r + 32 * j < K)
+    return _x_pair(x_row + r + 32 * j, ok)
+
+
+@triton.jit
 def _x_unit(x_row, u, ok, K, MASK_K: tl.constexpr):
     """x of one unit as 8 vectors of 16, one per nibble i: x[128 u + 32 (i % 4) + 2 s + i // 4], s = 0..15
     (layout.py), masked by ok [16]; loaded as 4 contiguous slices of 32 and split into even and odd k."""
-    r = 2 * tl.arange(0, _WORDS)[:, None] + tl.arange(0, 2)[None, :]  # [16, 2]: 2 s + h
-    base = x_row + u * 128 + r
+    r = u * 128 + 2 * tl.arange(0, _WORDS)[:, None] + tl.arange(0, 2)[None, :]  # [16, 2]
     ok2 = ok[:, None] & (r >= 0)
-    if MASK_K:
-        x0, x4 = _x_pair(base, ok2 & (u * 128 + r < K))
-        x1, x5 = _x_pair(base + 32, ok2 & (u * 128 + 32 + r < K))
-        x2, x6 = _x_pair(base + 64, ok2 & (u * 128 + 64 + r < K))
-        x3, x7 = _x_pair(base + 96, ok2 & (u * 128 + 96 + r < K))
-    else:
-        x0, x4 = _x_pair(base, ok2)
-        x1, x5 = _x_pair(base + 32, ok2)
-        x2, x6 = _x_pair(base + 64, ok2)
-        x3, x7 = _x_pair(base + 96, ok2)
+    x0, x4 = _x_slice(x_row, r, ok2, 0, K, MASK_K)
+    x1, x5 = _x_slice(x_row, r, ok2, 1, K, MASK_K)
+    x2, x6 = _x_slice(x_row, r, ok2, 2, K, MASK_K)
+    x3, x7 = _x_slice(x_row, r, ok2, 3, K, MASK_K)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -572,11 +583,7 @@ def _gemm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
         words = tl.load(w_base + u * SWU)  # [BN, 16] int32
         for j in tl.static_range(4):
             if j % SPG == 0:
-                if SUB > 1:
-                    sz = tl.load(sz_ptr + (u * SUB + j // SPG) * NP + rn)
-                else:
-                    sz = tl.load(sz_ptr + (u // UPG) * NP + rn)
-                s, z = _sz_fields(sz)
+                s, z = _sz_fields(tl.load(sz_ptr + _slice_group(u, j, SUB, UPG) * NP + rn))
                 zz = ((MAG | z) * 0x10001)[:, None]
             a = _qz_slice(words, zz, z[:, None], j, dt, BN, EMULATE)
             if MASK_K:
@@ -616,10 +623,7 @@ def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, NP, SWB, SWR, SWU, UPG, n_unit
         words = tl.load(w_rows[:, None] + u * SWU + rs[None, :], mask=u_ok[:, None], other=0)
         for j in tl.static_range(4):
             if j % SPG == 0:
-                if SUB > 1:
-                    sz = tl.load(sz_ptr + (u * SUB + j // SPG) * NP + rn, mask=u_ok, other=0)
-                else:
-                    sz = tl.load(sz_ptr + (u // UPG) * NP + rn, mask=u_ok, other=0)
+                sz = tl.load(sz_ptr + _slice_group(u, j, SUB, UPG) * NP + rn, mask=u_ok, other=0)
                 s16, c = _scale_zero(sz)
                 s16 = s16[:, None]
                 c = c[:, None]
