@@ -125,19 +125,24 @@ def run_tool(tool, peers: Path, folder: Path, rows_file: Path, bits, gs, out: Pa
         return {"error": f"not installed: {py} (bash scripts/peers.sh)"}
     cmd = [py, str(PEERS_SRC / runner), "--model", str(folder), "--rows", str(rows_file), "--bits", str(bits),
            "--group-size", str(gs), "--out", str(out), *extra]
-    print("$", " ".join(cmd), flush=True)
+    # the tool's stderr (its progress bars and logs) goes to a file beside its output, to follow long runs
+    log = out.parent / f"{out.stem}.stderr.txt"
+    print("$", " ".join(cmd), f"2> {log}", flush=True)
     t = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        with open(log, "w") as err:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     wall = time.time() - t
     if r.returncode:
-        tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
-        (out.parent / f"{out.stem}.stderr.txt").write_text(r.stderr)
+        tail = [ln for ln in log.read_text().strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
         return {"error": f"exit {r.returncode}: {tail[0][:300]}"}
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     rec["process_seconds"] = round(wall, 1)
+    # the machine's load over the run (1-minute average at its end), so that a time taken beside other jobs
+    # can be told from one taken alone: the tool itself contributes about its thread count
+    rec["load_1min_at_end"] = round(os.getloadavg()[0], 2)
     return rec
 
 
@@ -206,12 +211,16 @@ def run(a, store: Store):
             evaluators.clear()  # one model in memory at a time
             evaluators[model] = Evaluator(model, windows)
         ev = evaluators[model]
+        # full precision on this processor: bf16 kernels differ between CPUs in the last bits, so every cell's
+        # loss is taken against the full-precision perplexity measured on the processor that measured it
         fkey = cell_key(model, 16, 0, "fp", "-")
-        if a.redo or wtag not in (store.get(fkey) or {}).get("ppl", {}):
-            rec = store.get(fkey) or {"ppl": {}}
-            rec["ppl"][wtag] = ev.ppl(None)
-            store.put(fkey, rec)
-            print(fkey, rec, flush=True)
+        frec = store.get(fkey) or {"ppl": {}}
+        if a.redo or wtag not in frec.setdefault("by_processor", {}).get(cpu_name(), {}):
+            v = ev.ppl(None)
+            frec["ppl"][wtag] = v
+            frec["by_processor"].setdefault(cpu_name(), {})[wtag] = v
+            store.put(fkey, frec)
+            print(fkey, frec, flush=True)
         jobs = [(t, a.calib[0]) for t in a.tools] + [(t, c) for t in a.tools if t in OURS for c in a.calib[1:]]
         for tool, calib in jobs:
             # the table's protocol is 128 rows; other row counts (time comparisons) get their own cells
@@ -247,6 +256,7 @@ def run(a, store: Store):
             weights = load_file(str(out))
             rec.setdefault("ppl", {})[wtag] = ev.ppl(weights, source)
             rec["eval_source"] = source
+            rec["processor"] = cpu_name()
             if also_eval:
                 rec.setdefault("ppl_wiki_eval", {})[wtag] = ev.ppl(weights, "wiki-eval")
             store.put(key, rec)
@@ -258,9 +268,22 @@ def write_report(store: Store):
     m = store.data["machine"]
     wtags = sorted({w for c in cells.values() for w in c.get("ppl", {})})
     tools = list(TOOLS)
+    # processors in order of first appearance; cells of any but the first are marked with their letter
+    procs = list(dict.fromkeys(c["processor"] for c in cells.values() if "processor" in c))
+    mark = {p: "" if i == 0 else f" [{chr(65 + i)}]" for i, p in enumerate(procs)}
+
+    def fp_of(model, wtag, proc):
+        """Full-precision perplexity measured on `proc` (else on any processor)."""
+        f = cells.get(cell_key(model, 16, 0, "fp", "-")) or {}
+        return f.get("by_processor", {}).get(proc, {}).get(wtag, f.get("ppl", {}).get(wtag))
+
+    machines = "; ".join(f"{chr(65 + i)} = {p}" for i, p in enumerate(procs))
     md = ["# Quality: wiki perplexity, every tool side by side", "",
-          f"Machine: {m['processor']} ({m['cpus']} cores), torch {m['torch']}, Python {m['python']}. "
-          "Written by `python benchmarks/quality.py` from quality.json.", "",
+          f"Machines ({m['cpus']} cores, torch {m['torch']}, Python {m['python']}): {machines}. A cell measured "
+          "on another machine than A is marked with its letter, and its loss is taken against full precision "
+          "measured on that machine (bf16 kernels differ between CPUs in the last bits: the full-precision "
+          "column gives each machine's figure). Written by `python benchmarks/quality.py` from "
+          "quality.json.", "",
           "Same full-precision model (bf16), same calibration rows (lee, 128 x 512 tokens, seed 0) given to "
           "every tool, same evaluator and windows (wiki, windows of 512 tokens; quick = the first 64 "
           "windows, all = full mode). Cell: perplexity (loss vs full precision). **Bold**: smallest loss in "
@@ -279,34 +302,41 @@ def write_report(store: Store):
                + "".join(f" | RTN loss closed by {LABELS[t]}" for t in OURS) + " |",
                "|---|---|---:|" + "---:|" * (len(tools) + len(OURS))]
         for model, gss in GROUPS.items():
-            fp = (cells.get(cell_key(model, 16, 0, "fp", "-")) or {}).get("ppl", {}).get(wtag)
+            f = cells.get(cell_key(model, 16, 0, "fp", "-")) or {}
+            fps = {p: v[wtag] for p, v in f.get("by_processor", {}).items() if wtag in v}
+            if not fps and wtag in f.get("ppl", {}):
+                fps = {None: f["ppl"][wtag]}
             for bits in (4, 3):
                 for gs in gss:
-                    vals = {}
+                    vals, loss, where = {}, {}, {}
                     for t in tools:
                         c = cells.get(cell_key(model, bits, gs, t, "lee")) or {}
                         vals[t] = c.get("ppl", {}).get(wtag, "error" if "error" in c else None)
-                    if fp is None or all(v is None for v in vals.values()):
+                        where[t] = c.get("processor")
+                        if isinstance(vals[t], float):
+                            loss[t] = vals[t] - fp_of(model, wtag, where[t])
+                    if not fps or all(v is None for v in vals.values()):
                         continue
-                    nums = {t: v for t, v in vals.items() if isinstance(v, float)}
-                    best = min(nums, key=nums.get) if len(nums) >= 3 else None  # a row with peers to compare
+                    best = min(loss, key=loss.get) if len(loss) >= 3 else None  # a row with peers to compare
                     row = []
                     for t in tools:
                         v = vals[t]
-                        s = "-" if v is None else "failed" if v == "error" else f"{v:.3f} ({v - fp:+.3f})"
+                        s = ("-" if v is None else "failed" if v == "error"
+                             else f"{v:.3f} ({loss[t]:+.3f}){mark.get(where[t], '')}")
                         row.append(f"**{s}**" if t == best else s)
-                    closed = [f"{100 * (vals['rtn'] - vals[t]) / (vals['rtn'] - fp):.0f}%"
-                              if isinstance(vals.get("rtn"), float) and isinstance(vals.get(t), float) else "-"
-                              for t in OURS]
-                    md.append(f"| {model} | INT{bits} g{gs} | {fp:.3f} | " + " | ".join(row + closed) + " |")
+                    closed = [f"{100 * (loss['rtn'] - loss[t]) / loss['rtn']:.0f}%"
+                              if "rtn" in loss and t in loss else "-" for t in OURS]
+                    fp_cell = " / ".join(f"{v:.3f}{mark.get(p, '')}" for p, v in fps.items())
+                    md.append(f"| {model} | INT{bits} g{gs} | {fp_cell} | " + " | ".join(row + closed) + " |")
         md.append("")
     md += ["## Quantization time and peak host memory", "",
            "Seconds of quantization as each tool measures it in its own process (model loading and writing "
            "excluded; calibration forward passes included) / peak RSS of that process (MiB). The machine was "
-           "often shared with other jobs (load average 1-6 on 2 cores) and a cell keeps its latest run: times "
-           "are not comparable across runs (smollm2 INT4 g64: salience's cells are from a run alone on the "
-           "machine, the peers' from loaded ones), only the same-run comparison below is. n/a: the first cells "
-           "measured RSS wrongly "
+           "often shared with other jobs (load average 1-6 on 2 cores) and a cell keeps its latest run, so "
+           "times from different runs are not comparable. Side by side on an idle machine, one after the "
+           "other in one session: smollm2 INT4 g64, salience AWQ and llm-compressor AWQ (load average about "
+           "2 during each, the tool's own two threads); later cells record the load at their end "
+           "(quality.json, load_1min_at_end). n/a: the first cells measured RSS wrongly "
            "(ru_maxrss counts the parent's peak before the fork).", "",
            "| model | setting | " + " | ".join(LABELS[t] for t in tools) + " |", "|---|---|" + "---:|" * len(tools)]
     for model, gss in GROUPS.items():
@@ -319,15 +349,15 @@ def write_report(store: Store):
                         any_ = True
                         # early cells took ru_maxrss, which counts the orchestrator's peak before the fork
                         rss = f"{c['max_rss_mb']} MiB" if c.get("rss_source") == "VmHWM" else "n/a"
-                        row.append(f"{c['quantize_seconds']:.0f} s / {rss}")
+                        row.append(f"{c['quantize_seconds']:.0f} s / {rss}{mark.get(c.get('processor'), '')}")
                     else:
                         row.append("failed" if "error" in c else "-")
                 if any_:
                     md.append(f"| {model} | INT{bits} g{gs} | " + " | ".join(row) + " |")
     fewer = [(k, c) for k, c in cells.items() if "@" in k.split("|")[3] and "quantize_seconds" in c]
     if fewer:
-        md += ["", "Same-run time comparisons with fewer calibration rows (the peers' CPU runs at 128 rows did "
-               "not fit the session):", "", "| model | setting | tool | rows | quantize time | peak RSS | perplexity |",
+        md += ["", "Same-run time comparisons with fewer calibration rows (measured before llm-compressor's AWQ "
+               "at 128 rows fitted a session):", "", "| model | setting | tool | rows | quantize time | peak RSS | perplexity |",
                "|---|---|---|---:|---:|---:|---:|"]
         for k, c in sorted(fewer):
             model, setting, tool, ctag = k.split("|")
