@@ -56,6 +56,14 @@ TOOLS = {
     "llmc-gptq": ("llmc", "llmc_run.py", ["--method", "gptq"]),
     "hqq": ("hqq", "hqq_run.py", []),
 }
+# What a reader needs to read a peer's figures (said under the table)
+PEER_NOTES = {
+    "llm-compressor AWQ on Gemma-3": "its Gemma 3 mappings smooth pre_feedforward_layernorm -> gate/up and "
+        "up -> down only (input_layernorm -> q/k/v is left out by design, its PR #2571: q_norm/k_norm follow "
+        "q/k; v -> o is skipped because the GQA shapes differ), with its offset-norm context for Gemma's "
+        "(1 + w) norms; its own tracker reports AWQ degrading Gemma 3 models (issues #2102, #2522), as here, "
+        "where its result is close to RTN's",
+}
 CALIBRATION_FREE = ("rtn", "hqq")
 OURS = ("salience", "salience-gptq", "salience-tune")  # the tools of the calibration-robustness study
 LABELS = {"rtn": "RTN", "salience": "salience AWQ", "salience-gptq": "salience AWQ + GPTQ rounding (opt-in)",
@@ -374,7 +382,7 @@ def write_report(store: Store):
                 v, source = c.get("ppl_wiki_eval", {}).get(wtag), "wiki-eval"
                 if v is None:
                     continue
-            by_setting.setdefault((model, setting, tool, wtag), {})[calib] = (v, source)
+            by_setting.setdefault((model, setting, tool, wtag), {})[calib] = (v, mark.get(c.get("processor"), ""))
     rows = [(ms, d) for ms, d in sorted(by_setting.items(), key=lambda kv: (kv[0][0], kv[0][1], OURS.index(kv[0][2]),
                                                                             kv[0][3])) if len(d) > 1]
     if rows:
@@ -387,11 +395,12 @@ def write_report(store: Store):
         texts = {c for _, d in rows for c in d}
         for (model, setting, tool, wtag), d in rows:
             vals = [v for v, _ in d.values()]
-            cal = ", ".join(f"{c}: {v:.3f}" for c, (v, _) in sorted(d.items()))
+            cal = ", ".join(f"{c}: {v:.3f}{mk}" for c, (v, mk) in sorted(d.items()))
             missing = sorted(texts - set(d))  # a partial row: its spread is a lower bound
             cal += f" ({', '.join(missing)} not run yet)" if missing else ""
             md.append(f"| {model} | {setting} | {LABELS[tool]} | {wtag} | {cal} | "
                       f"{'>= ' if missing else ''}{100 * (max(vals) - min(vals)) / min(vals):.2f}% |")
+    md += ["", "## Notes on peers", ""] + [f"- {name}: {why}." for name, why in PEER_NOTES.items()]
     errors = [(k, c["error"]) for k, c in cells.items() if "error" in c]
     md += ["", "## Tools that did not give a row", ""]
     md += [f"- {name}: {why}." for name, why in NOT_RUN.items()]
