@@ -222,11 +222,9 @@ def run(a, store: Store):
         # full precision on this processor: bf16 kernels differ between CPUs in the last bits, so every cell's
         # loss is taken against the full-precision perplexity measured on the processor that measured it
         fkey = cell_key(model, 16, 0, "fp", "-")
-        frec = store.get(fkey) or {"ppl": {}}
-        if a.redo or wtag not in frec.setdefault("by_processor", {}).get(cpu_name(), {}):
-            v = ev.ppl(None)
-            frec["ppl"][wtag] = v
-            frec["by_processor"].setdefault(cpu_name(), {})[wtag] = v
+        frec = store.get(fkey) or {"by_processor": {}}  # {"by_processor": {processor: {wtag: ppl}}}
+        if a.redo or wtag not in frec["by_processor"].get(cpu_name(), {}):
+            frec["by_processor"].setdefault(cpu_name(), {})[wtag] = ev.ppl(None)
             store.put(fkey, frec)
             print(fkey, frec, flush=True)
         jobs = [(t, a.calib[0]) for t in a.tools] + [(t, c) for t in a.tools if t in OURS for c in a.calib[1:]]
@@ -279,12 +277,6 @@ def write_report(store: Store):
     # processors in order of first appearance; cells of any but the first are marked with their letter
     procs = list(dict.fromkeys(c["processor"] for c in cells.values() if "processor" in c))
     mark = {p: "" if i == 0 else f" [{chr(65 + i)}]" for i, p in enumerate(procs)}
-
-    def fp_of(model, wtag, proc):
-        """Full-precision perplexity measured on `proc` (else on any processor)."""
-        f = cells.get(cell_key(model, 16, 0, "fp", "-")) or {}
-        return f.get("by_processor", {}).get(proc, {}).get(wtag, f.get("ppl", {}).get(wtag))
-
     machines = "; ".join(f"{chr(65 + i)} = {p}" for i, p in enumerate(procs))
     md = ["# Quality: wiki perplexity, every tool side by side", "",
           f"Machines ({m['cpus']} cores, torch {m['torch']}, Python {m['python']}): {machines}. A cell measured "
@@ -311,9 +303,7 @@ def write_report(store: Store):
                "|---|---|---:|" + "---:|" * (len(tools) + len(OURS))]
         for model, gss in GROUPS.items():
             f = cells.get(cell_key(model, 16, 0, "fp", "-")) or {}
-            fps = {p: v[wtag] for p, v in f.get("by_processor", {}).items() if wtag in v}
-            if not fps and wtag in f.get("ppl", {}):
-                fps = {None: f["ppl"][wtag]}
+            fps = {p: v[wtag] for p, v in f.get("by_processor", {}).items() if wtag in v}  # processor -> ppl
             for bits in (4, 3):
                 for gs in gss:
                     vals, loss, where = {}, {}, {}
@@ -322,7 +312,7 @@ def write_report(store: Store):
                         vals[t] = c.get("ppl", {}).get(wtag, "error" if "error" in c else None)
                         where[t] = c.get("processor")
                         if isinstance(vals[t], float):
-                            loss[t] = vals[t] - fp_of(model, wtag, where[t])
+                            loss[t] = vals[t] - fps[where[t]]
                     if not fps or all(v is None for v in vals.values()):
                         continue
                     best = min(loss, key=loss.get) if len(loss) >= 3 else None  # a row with peers to compare
