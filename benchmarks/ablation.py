@@ -68,8 +68,6 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
     **{f"default + search damping {d:g}": _v(rounding="nearest", search_damp=d)
        for d in (0.03, 0.1, 0.3, 0.5, 1.0, 3.0)},
-    **{f"default + clip damping {d:g}": _v(rounding="nearest", search_damp=0.3, clip_damp=d)
-       for d in (1.0, 3.0)},
 }
 # the baseline of --choose: nearest rounding, the shipped default before the search damping
 DEFAULT = "+ asymmetric clip (the default since the first ablation)"

@@ -80,10 +80,6 @@ class SearchConfig:
     # three-calibration runs ablation-*-damp-robust.md); 0 at other widths: at INT3 0.3 gave worse wiki perplexity
     # (SmolLM2 g32 36.326 vs 34.727, g64 43.684 vs 43.355) and no held-out choice was made there
     search_damp: float | None = None
-    # ridge of the clip search alone, in the same units: its Gram is G + clip_damp * mean(diag G) * I
-    # (None: the search damping's). The clip search picks one of 100 ranges per row and group, the scale
-    # search one of 20 alphas per group: the finer choice may follow the calibration text more
-    clip_damp: float | None = None
     tune_steps: int = 200
     tune_rows: int = 4
 
@@ -96,8 +92,6 @@ class SearchConfig:
             raise ValueError("tune_steps and tune_rows must be positive")
         if self.search_damp is not None and not self.search_damp >= 0:
             raise ValueError(f"search_damp must be >= 0, got {self.search_damp}")
-        if self.clip_damp is not None and not self.clip_damp >= 0:
-            raise ValueError(f"clip_damp must be >= 0, got {self.clip_damp}")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be positive, got {self.gptq_damp}")
         if self.formula not in ("x", "duo", "both"):

@@ -55,8 +55,6 @@ def _add_calib_args(p):
                    help="ridge added to each input Gram before the scale and clip searches, a multiple of "
                    "its mean diagonal: the loss gains a calibration-free weight error (default: 0.3 at 4 "
                    "bits, chosen on a held-out text; 0 at other widths: salience.awq.damp_for)")
-    p.add_argument("--clip-damp", type=float, default=None,
-                   help="the clip search's own ridge, in --search-damp's units (default: the search damping)")
     p.add_argument("--gptq-damp", type=float, default=None,
                    help="GPTQ damping, a multiple of the Gram's mean diagonal added to it (default: "
                    "SearchConfig.gptq_damp, the damping with the lowest perplexity on a held-out text, "
@@ -107,7 +105,6 @@ def _search_config(a):
                         refine=a.refine, propagate=a.propagate,
                         rounding=a.rounding,
                         **{k: v for k, v in (("gptq_damp", a.gptq_damp), ("search_damp", a.search_damp),
-                                             ("clip_damp", a.clip_damp),
                                              ("tune_steps", a.tune_steps),
                                              ("tune_rows", a.tune_rows)) if v is not None})  # else SearchConfig's
 

@@ -552,9 +552,6 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
             # with the folded scale s, the diagonal blocks of the Gram of X / s
             g = awq.diag_blocks(g_full, qcfg.groups(w.shape[1])) if g_full is not None else \
                 awq.diag_blocks(diag[stats.key_of[name]], qcfg.groups(w.shape[1]), in_scale.get(name))
-            if scfg.clip_damp is not None and scfg.clip_damp != damp:
-                g = _clip_ridge(g, full if gptq_rounding else diag, stats.key_of[name], in_scale.get(name),
-                                scfg.clip_damp - damp, damp)
             # on a GPU, fewer and larger row chunks (16 Mi weights, 64 MiB in fp32); the CPU keeps 1024 rows
             chunk = max(1024, (1 << 24) // w.shape[1]) if w.is_cuda else 1024
             clip_min, clip_max = awq.search_clip(w, g, qcfg, scfg.clip_grid, scfg.clip_max_shrink, chunk,
@@ -589,20 +586,6 @@ def quantize_block(block: nn.Module, index: int, x: torch.Tensor, calls, arch: A
     report["phases"] = {k: round(v, 3) for k, v in ph.seconds.items()}
     report["passes"] = len(passes)
     return BlockResult(index, linears, search, report), y
-
-
-def _clip_ridge(g: torch.Tensor, grams: dict, key: str, s: torch.Tensor | None, extra: float,
-                damp: float) -> torch.Tensor:
-    """The clip search's diagonal blocks g [G, gs, gs] (of the Gram of X / s) with `extra` more ridge:
-    + extra * m * I in the unscaled input's terms, m the mean diagonal of the undamped Gram, i.e. + extra * m
-    / s_k^2 on diagonal entry k here. grams[key]: the linear's input Gram, damped by `damp` (whole [K, K] or
-    its diagonal blocks [G, gs, gs]). Out of place (g may be the shared blocks themselves)."""
-    src = grams[key]
-    m = float((src.diagonal() if src.dim() == 2 else src.diagonal(dim1=1, dim2=2)).mean()) / (1 + damp)
-    r = torch.full(g.shape[:2], extra * m, dtype=g.dtype, device=g.device)  # [G, gs]
-    if s is not None:
-        r = r / s.reshape(g.shape[:2]).to(g.dtype) ** 2
-    return g + torch.diag_embed(r)
 
 
 def quantize_linear(w: torch.Tensor, qcfg: QuantConfig, clip_min=None, clip_max=None,

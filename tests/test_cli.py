@@ -153,5 +153,3 @@ def test_propagate_default_follows_the_rounding():
     from salience.awq import SearchConfig
     assert _search_config(p.parse_args(base)).search_damp == SearchConfig().search_damp
     assert _search_config(p.parse_args(base + ["--search-damp", "0.25"])).search_damp == 0.25
-    assert _search_config(p.parse_args(base)).clip_damp is None
-    assert _search_config(p.parse_args(base + ["--clip-damp", "2"])).clip_damp == 2.0

@@ -105,53 +105,6 @@ def test_search_damping_reaches_every_gram_once(monkeypatch):
         SearchConfig(search_damp=-1)
 
 
-def test_clip_ridge_is_the_clip_searchs_own_damping():
-    """_clip_ridge turns the diagonal blocks of (G + d m I) / (s s^T) into those of (G + (d + e) m I) / (s s^T),
-    m = mean(diag G): the same ridge as the search damping, in the unscaled input's terms."""
-    from salience import awq
-    from salience.quantize import _clip_ridge
-
-    torch.manual_seed(0)
-    k, gs, d, e = 64, 16, 0.3, 2.0
-    x = torch.randn(200, k) * torch.rand(k) * 3
-    g = x.t() @ x
-    m = float(g.diagonal().mean())
-    s = torch.rand(k) + 0.5
-    damped = awq.damp_(g.clone(), d)
-    want = awq.diag_blocks(g + (d + e) * m * torch.eye(k), k // gs, s)
-    for grams in ({"x": damped}, {"x": awq.diag_blocks(damped, k // gs)}):  # whole Gram (GPTQ) or its blocks
-        blocks = awq.diag_blocks(grams["x"], k // gs, s)
-        before = blocks.clone()
-        got = _clip_ridge(blocks, grams, "x", s, e, d)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
-        assert torch.equal(blocks, before)  # out of place: the blocks may be shared by other linears
-
-
-def test_clip_damping_moves_only_the_clip_ranges():
-    """clip_damp changes the ranges the clip search picks, never the searched scales; equal to the search
-    damping (or None) it changes nothing."""
-    from salience import api
-    from salience.awq import SearchConfig
-    from salience.quant import QuantConfig
-    from tiny import tiny_model
-
-    rows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-
-    def run(**kw):
-        m = tiny_model("llama", dtype=torch.float32)
-        reps = api.fake_quantize(m, QuantConfig(4, 32), "awq", rows, SearchConfig(search_damp=0.3, **kw),
-                                 device="cpu", dtype=torch.float32, progress=False)
-        return m, reps
-
-    (m0, r0), (m1, r1), (m2, r2) = run(), run(clip_damp=0.3), run(clip_damp=30.0)
-    assert all(torch.equal(p, q) for p, q in zip(m0.parameters(), m1.parameters()))
-    for a, b in zip(r0, r2):
-        assert {k: g["alpha"] for k, g in a["groups"].items()} == {k: g["alpha"] for k, g in b["groups"].items()}
-    assert any(not torch.equal(p, q) for p, q in zip(m0.parameters(), m2.parameters()))
-    with pytest.raises(ValueError, match="clip_damp"):
-        SearchConfig(clip_damp=-1)
-
-
 def test_search_damping_default_depends_on_the_width():
     from salience.awq import SearchConfig, damp_for
     # chosen on a held-out text at 4 bits; the reference loss elsewhere; an explicit value always wins
