@@ -67,7 +67,7 @@ VARIANTS = {  # every option spelled out, so that the rows keep their meaning wh
     "default + tuned rounding on propagated inputs (200 steps of 4 rows)": _v(
         rounding="tune", tune_steps=200, tune_rows=4, propagate=True),
     **{f"default + search damping 0.3 + tuned rounding on propagated inputs ({n} steps of 4 rows)": _v(
-        rounding="tune", tune_steps=n, tune_rows=4, propagate=True, search_damp=0.3) for n in (25, 50)},
+        rounding="tune", tune_steps=n, tune_rows=4, propagate=True, search_damp=0.3) for n in (25, 50, 100)},
     **{f"default + search damping {d:g}": _v(rounding="nearest", search_damp=d)
        for d in (0.03, 0.1, 0.3, 0.5, 1.0, 3.0)},
 }
