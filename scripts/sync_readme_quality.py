@@ -20,7 +20,7 @@ def table(lines, start):
 
 def main():
     q = (ROOT / "benchmarks/results/quality.md").read_text().split("\n")
-    at = q.index(next(l for l in q if l.startswith("## quick mode")))
+    at = next(i for i, l in enumerate(q) if l.startswith("## quick mode"))
     qs, qe = table(q, next(i for i in range(at, len(q)) if q[i].startswith(HEADER)))
     readme = ROOT / "README.md"
     r = readme.read_text().split("\n")
