@@ -6,6 +6,7 @@ Tolerances: fp32 logits within 1e-4 absolute (values are O(1); the same ops in t
 exact zeros, the fused projections and incremental decode differ by rounding)."""
 
 import io
+import json
 import shutil
 
 import pytest
@@ -237,6 +238,21 @@ def test_bench_smoke_cpu(tmp_path):
                 "--backends", "engine-fp16", "hf-eager", "--out", str(tmp_path / "d")])
     text = (tmp_path / "d.md").read_text()
     assert text.count("| tiny |") == 4 and "error" not in text.lower()
+    assert "median of 3 timed runs" in text
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert all(len(r["ttft_ms_runs"]) == 3 and len(r["decode_tok_s_runs"]) == 3 for r in rows)
+    assert all(sorted(r["ttft_ms_runs"])[1] == r["ttft_ms"] for r in rows)
+
+
+def test_median_of_takes_each_figure_separately():
+    from salience.engine.bench import median_of
+
+    runs = iter([{"a": 3.0, "b": 10.0}, {"a": 1.0, "b": 30.0}, {"a": 2.0, "b": 20.0}, {"a": 9.0, "b": 0.0}])
+    got = median_of(lambda: next(runs), 3)
+    assert got["a"] == 2.0 and got["b"] == 20.0 and got["a_runs"] == [3.0, 1.0, 2.0]
+    runs = iter([{"a": 1.0}, {"a": 4.0}])
+    assert median_of(lambda: next(runs), 2)["a"] == 2.5
+    assert median_of(lambda: {"a": 5.0}, 1) == {"a": 5.0}
 
 
 def test_fallback_to_transformers(tmp_path, capsys):

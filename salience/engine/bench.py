@@ -13,7 +13,8 @@ Most important cases first (the issue's targets); a time budget skips the tail (
 CPU (--cpu): the real SmolLM2-135M: transformers fp32, engine fp32 / bf16 / W4 (bf16 activations).
 
 Decode tok/s = batch * (new tokens - 1) / (time after the first token), all rows generate exactly
-`--new-tokens` tokens (EOS ignored). TTFT = prefill + first token, synchronized. Writes
+`--new-tokens` tokens (EOS ignored). TTFT = prefill + first token, synchronized. Each figure is the
+median of `--repeats` timed runs (3) after one warm-up run. Writes
 benchmarks/results/decode[_cpu].md and .json naming the machine.
 """
 
@@ -63,10 +64,23 @@ def time_engine(runner, prompts, new_tokens: int, dev) -> dict:
     return {"ttft_ms": (t1 - t0) * 1e3, "decode_tok_s": b * (new_tokens - 1) / (t2 - t1)}
 
 
-def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
+def median_of(timed, repeats: int) -> dict:
+    """Run timed() `repeats` times; each figure is the median of its runs (a single run's TTFT, one
+    prefill, varies by tens of percent between runs), the runs' values kept under "<key>_runs"."""
+    runs = [timed() for _ in range(max(1, repeats))]
+    out = {}
+    for key in runs[0]:
+        vals = sorted(r[key] for r in runs)
+        out[key] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+        if len(runs) > 1:
+            out[key + "_runs"] = [r[key] for r in runs]
+    return out
+
+
+def time_hf(model, ids, new_tokens: int, dev, warmup: bool = True, **kw) -> dict:
     """transformers generate, n tokens, timed by a streamer: TTFT when the first new token reaches the host,
-    decode = the rest. A first identical call warms up (hf-static: compiles the decode step for this
-    cache size)."""
+    decode = the rest. Unless warmup=False, a first identical call warms up (hf-static: compiles the
+    decode step for this cache size)."""
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
@@ -81,7 +95,8 @@ def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
 
     g = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids),
              max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    model.generate(ids, **g)
+    if warmup:
+        model.generate(ids, **g)
     clock = Clock()
     _sync(dev)
     t0 = time.perf_counter()
@@ -216,14 +231,15 @@ def run_gpu(a) -> list[dict]:
                 kw = {"cache_implementation": "static"} if be == "hf-static" else {}
                 with torch.inference_mode():
                     _peak_reset(dev)
-                    row.update(time_hf(m, ids, new, dev, **kw))  # warms up (hf-static: compiles) first
+                    time_hf(m, ids, new, dev, **kw)  # warm-up (hf-static: compiles the decode step)
+                    row.update(median_of(lambda: time_hf(m, ids, new, dev, warmup=False, **kw), a.repeats))
             else:
                 with _w4_variant(m, W4_VARIANTS.get(be, {})):
                     runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile,
                                     prefix_reuse=False)
                     time_engine(runner, prompts, new, dev)  # warm-up: Triton, torch.compile, graph capture
                     _peak_reset(dev)
-                    row.update(time_engine(runner, prompts, new, dev))
+                    row.update(median_of(lambda: time_engine(runner, prompts, new, dev), a.repeats))
                     runner.model.setup_cache(0, 0)  # free the KV cache
             row["peak_gib"] = _peak_gib(dev)
         except torch.cuda.OutOfMemoryError as e:
@@ -274,11 +290,13 @@ def run_cpu(a) -> list[dict]:
                     m.generation_config.eos_token_id = None
                     ids = torch.tensor(prompts)
                     with torch.inference_mode():
-                        row.update(time_hf(m, ids, a.new_tokens, dev))
+                        time_hf(m, ids, a.new_tokens, dev)
+                        row.update(median_of(lambda: time_hf(m, ids, a.new_tokens, dev, warmup=False),
+                                             a.repeats))
                 else:
                     runner = Runner(from_folder(src, device=dev, dtype=dt), prefix_reuse=False)
                     time_engine(runner, prompts, a.new_tokens, dev)
-                    row.update(time_engine(runner, prompts, a.new_tokens, dev))
+                    row.update(median_of(lambda: time_engine(runner, prompts, a.new_tokens, dev), a.repeats))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
@@ -314,7 +332,9 @@ def write(a, rows, dev, partial=False):
           + ("" if not partial else " (partial: still running or stopped)"), "",
           f"New tokens per row: {a.new_tokens}" + (f" ({a.hf_eager_tokens} for hf-eager)" if dev.type == "cuda"
                                                     else "") + "; decode tok/s counts all rows. "
-          "TTFT: prefill + first token. " + ("The real SmolLM2-135M; W4 = RTN w4 g64 checkpoint, bf16 activations"
+          "TTFT: prefill + first token. "
+          + f"Each figure is the median of {getattr(a, 'repeats', 1)} timed runs after a warm-up. "
+          + ("The real SmolLM2-135M; W4 = RTN w4 g64 checkpoint, bf16 activations"
                                              if a.cpu else "Random weights (speed does not depend on values); "
                                              "W4 = AWQ GEMM g128, lm_head FP16") + ". `python benchmarks/decode.py "
           + " ".join(a.argv) + "` made this table.", "",
@@ -334,6 +354,7 @@ def parse(argv):
     p.add_argument("--hf-eager-tokens", type=int, default=32, help="new tokens for hf-eager (it is slow)")
     p.add_argument("--hf-static", nargs="+", default=["1x128", "16x128"],
                    help="batch x prompt cases for hf-static (each one compiles, ~1 min)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the table gives medians")
     p.add_argument("--budget", type=float, default=420.0, help="seconds; cases after this are skipped")
     p.add_argument("--no-cuda-graph", action="store_true", help="engine decode without CUDA graphs")
     p.add_argument("--no-compile", action="store_true", help="engine decode without torch.compile'd ops")

@@ -791,7 +791,7 @@ def gemv(x2, p, bias=None, *, rms=None, glu=None, residual=None, emit=None, bloc
     return (out, o2) if emit is not None else out
 
 
-def _gemm_config(m: int, k: int):
+def _gemm_config(m: int, k: int, n: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, split cap) from the H200 sweep of split-K counts
     (benchmarks/int4_kernels.py --sweep-split, results/h200/s5/run2/): BLOCK_N 128 on every shape, and at
     most min(8, K / 16M) splits. Each split writes and reads back an fp32 partial tile: n_split * M * N * 8
@@ -799,8 +799,12 @@ def _gemm_config(m: int, k: int):
     4-wave splits the narrow matrices (N = 4096-6144) lost 15-50 % at M = 64 to partials (o_proj 27.0 ->
     18.5 us with 4 splits) and a few % at M = 4-16."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    # 8 warps at BLOCK_M 64: 7B qkv 26.4 against 31.2 us with 4 (h200/s10/run1 gemm_lab; 4 best below)
-    return bm, 128, 8 if bm == 64 else 4, 3, max(1, min(8, k // (16 * m)))
+    # 8 warps at BLOCK_M 64: 7B qkv 26.4 against 31.2 us with 4 (h200/s10/run1 gemm_lab). At BLOCK_M 32 (M = 32,
+    # 8 / 4 warps, h100/s13/run1 gemm_lab): 8 on the tall or deep matrices, 7B gate_up 33.5 / 37.5 us, down
+    # 18.9 / 19.7, 8B gate_up 42.4 / 44.1, down 22.1 / 23.6; 4 on the rest, 7B qkv 24.5 / 23.4, 8B qkv
+    # 18.9 / 15.8, o 13.0 / 13.1. BLOCK_M 16: 4 warps and 3 stages best on every shape there.
+    wide = bm == 64 or (bm == 32 and (n >= 16384 or k >= 8192))
+    return bm, 128, 8 if wide else 4, 3, max(1, min(8, k // (16 * m)))
 
 
 def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=None, num_stages=None,
@@ -808,7 +812,7 @@ def gemm(x2, p, bias=None, *, block_m=None, block_n=None, split=None, num_warps=
     """Fused dequant + tensor-core GEMM, split-K when the grid is small."""
     m, k = x2.shape
     np_, n_units, strides = _w_geometry(p)
-    bm, bn, nw, ns, cap = _gemm_config(m, k)
+    bm, bn, nw, ns, cap = _gemm_config(m, k, p.n)
     bm, bn = block_m or bm, block_n or bn
     _check_block_n(bn)
     nw, ns = num_warps or nw, num_stages or ns
