@@ -19,7 +19,7 @@ the output, act(gate) * up from tiles of interleaved gate and up rows, the resid
 next RMS= linear's input) in the epilogue. That removes the batch-1 decode step's norm and activation
 kernels (kernels_notes.md, session 6).
 
-Measured on an H200 (4.8 TB/s datasheet, ~4.3 measured by a copy; kernels_m1.md, kernels_notes.md):
+Measured on an H200 (4.8 TB/s datasheet, ~4.3 measured by a copy; h200/kernels_m1.md, kernels_notes.md):
 1.0-3.6 TB/s effective at M = 1 with the fp16x2 math (1.04-1.34x the fp32 math). Not for lack of bytes in
 flight (a deeper cp.async ring did not help): with the math replaced by one multiply a word the same
 programs reach 1.3 TB/s (o_proj, 8 MB) to 4.0 TB/s (65 MB): the small matrices give each SM a few short
@@ -799,11 +799,14 @@ def _gemm_config(m: int, k: int, n: int):
     4-wave splits the narrow matrices (N = 4096-6144) lost 15-50 % at M = 64 to partials (o_proj 27.0 ->
     18.5 us with 4 splits) and a few % at M = 4-16."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    # 8 warps at BLOCK_M 64: 7B qkv 26.4 against 31.2 us with 4 (h200/s10/run1 gemm_lab). At BLOCK_M 32 (M = 32,
-    # 8 / 4 warps, h100/s13/run1 gemm_lab): 8 on the tall or deep matrices, 7B gate_up 33.5 / 37.5 us, down
-    # 18.9 / 19.7, 8B gate_up 42.4 / 44.1, down 22.1 / 23.6; 4 on the rest, 7B qkv 24.5 / 23.4, 8B qkv
-    # 18.9 / 15.8, o 13.0 / 13.1. BLOCK_M 16: 4 warps and 3 stages best on every shape there.
-    wide = bm == 64 or (bm == 32 and (n >= 16384 or k >= 8192))
+    # 8 warps at BLOCK_M 64: 7B qkv 26.4 against 31.2 us with 4 (h200/s10/run1 gemm_lab). At BLOCK_M 32 (M = 32)
+    # the H100 kernels table with 4 warps (h100/s13/run1) against 8 (run3), us: 8 win on matrices of 16384 to
+    # 32768 rows or K >= 11008 (7B gate_up 36.9 -> 33.3, lm_head 48.1 -> 42.7, 8B gate_up 44.4 -> 41.1, the
+    # downs 19.0 -> 18.6, 22.5 -> 21.7, 71.2 -> 66.5 at K = 11008 / 14336 / 28672, 70B lm_head 75.8 -> 72.2);
+    # 4 win on the taller ones (8B lm_head, 128256 rows, 121.6 -> 146.2; 70B gate_up, 57344 rows, 120.3 ->
+    # 133.7: many tiles already fill the machine) and tie or win on the rest (qkv, o: -2 .. +4 %).
+    # BLOCK_M 16: 4 warps best on every 7B/8B shape, 3 stages best or within 4 % of 4 (h100/s13/run1 gemm_lab).
+    wide = bm == 64 or (bm == 32 and n <= 32768 and (n >= 16384 or k >= 11008))
     return bm, 128, 8 if wide else 4, 3, max(1, min(8, k // (16 * m)))
 
 
