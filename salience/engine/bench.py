@@ -25,6 +25,7 @@ import contextlib
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,8 +71,7 @@ def median_of(timed, repeats: int) -> dict:
     runs = [timed() for _ in range(max(1, repeats))]
     out = {}
     for key in runs[0]:
-        vals = sorted(r[key] for r in runs)
-        out[key] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+        out[key] = statistics.median(r[key] for r in runs)
         if len(runs) > 1:
             out[key + "_runs"] = [r[key] for r in runs]
     return out
@@ -333,7 +333,7 @@ def write(a, rows, dev, partial=False):
           f"New tokens per row: {a.new_tokens}" + (f" ({a.hf_eager_tokens} for hf-eager)" if dev.type == "cuda"
                                                     else "") + "; decode tok/s counts all rows. "
           "TTFT: prefill + first token. "
-          + f"Each figure is the median of {getattr(a, 'repeats', 1)} timed runs after a warm-up. "
+          + f"Each figure is the median of {a.repeats} timed runs after a warm-up. "
           + ("The real SmolLM2-135M; W4 = RTN w4 g64 checkpoint, bf16 activations"
                                              if a.cpu else "Random weights (speed does not depend on values); "
                                              "W4 = AWQ GEMM g128, lm_head FP16") + ". `python benchmarks/decode.py "
