@@ -176,7 +176,8 @@ def bench_gpu(models, ms, with_gemlite=True, gemlite_budget_s=150.0, deadline_s=
     info = machine_gpu()
     l2 = info["l2_mb"] * 2**20
     rows = []
-    gemlite_ok, gemlite_note, gemlite_spent = with_gemlite, "", 0.0
+    gemlite_ok, gemlite_spent = with_gemlite, 0.0
+    gemlite_note = "" if with_gemlite else "not run (--no-gemlite)"
     if with_gemlite:
         try:
             import gemlite  # noqa: F401
