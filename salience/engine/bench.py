@@ -77,10 +77,10 @@ def median_of(timed, repeats: int) -> dict:
     return out
 
 
-def time_hf(model, ids, new_tokens: int, dev, warmup: bool = True, **kw) -> dict:
+def time_hf(model, ids, new_tokens: int, dev, **kw) -> dict:
     """transformers generate, n tokens, timed by a streamer: TTFT when the first new token reaches the host,
-    decode = the rest. Unless warmup=False, a first identical call warms up (hf-static: compiles the
-    decode step for this cache size)."""
+    decode = the rest. Callers warm up with a first call whose figures they drop (hf-static: it compiles
+    the decode step for this cache size), as for time_engine."""
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
@@ -95,8 +95,6 @@ def time_hf(model, ids, new_tokens: int, dev, warmup: bool = True, **kw) -> dict
 
     g = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids),
              max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    if warmup:
-        model.generate(ids, **g)
     clock = Clock()
     _sync(dev)
     t0 = time.perf_counter()
@@ -232,7 +230,7 @@ def run_gpu(a) -> list[dict]:
                 with torch.inference_mode():
                     _peak_reset(dev)
                     time_hf(m, ids, new, dev, **kw)  # warm-up (hf-static: compiles the decode step)
-                    row.update(median_of(lambda: time_hf(m, ids, new, dev, warmup=False, **kw), a.repeats))
+                    row.update(median_of(lambda: time_hf(m, ids, new, dev, **kw), a.repeats))
             else:
                 with _w4_variant(m, W4_VARIANTS.get(be, {})):
                     runner = Runner(m, cuda_graph=not a.no_cuda_graph, compile=not a.no_compile,
@@ -290,9 +288,8 @@ def run_cpu(a) -> list[dict]:
                     m.generation_config.eos_token_id = None
                     ids = torch.tensor(prompts)
                     with torch.inference_mode():
-                        time_hf(m, ids, a.new_tokens, dev)
-                        row.update(median_of(lambda: time_hf(m, ids, a.new_tokens, dev, warmup=False),
-                                             a.repeats))
+                        time_hf(m, ids, a.new_tokens, dev)  # warm-up
+                        row.update(median_of(lambda: time_hf(m, ids, a.new_tokens, dev), a.repeats))
                 else:
                     runner = Runner(from_folder(src, device=dev, dtype=dt), prefix_reuse=False)
                     time_engine(runner, prompts, a.new_tokens, dev)

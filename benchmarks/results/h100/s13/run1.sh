@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 13, GPU call 1 (ran on an H100; prepared in session 11 as h200/s11/run1.sh): session 10's run2 (never run: no machine came) plus the GEMM launch-settings lab.
+# Session 13, GPU call 1 (ran on an H100; prepared in session 11 as h200/s11/run1.sh, commit 53542a1, removed once it ran: this file is that script): session 10's run2 (never run: no machine came) plus the GEMM launch-settings lab.
 # GPU tests of the new layout and the pz GEMM (kernels, fused engine, engine CUDA, attention); the kernels table
 # (all shapes, M until its deadline); GEMV vs GEMM at M = 1; the decode table (7B and 8B, batch 1/4/16, prompt
 # 128/2048, transformers static 1x128); the GEMM at 4/8 warps x 3/4 stages vs cuBLAS at M = 2..64.
