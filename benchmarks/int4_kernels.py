@@ -439,15 +439,17 @@ def baseline_times(x, ws, tgs):
 def sweep_gemv(out_dir, ms=(1,)):
     """M = 1 GEMV (group 128): the dispatcher's default against _gemv_wide_kernel over (BLOCK_N, units per
     step, warps, stages, split waves), with tinygemm and cuBLAS bf16 in the same run. Writes
-    kernels_sweep_gemv_wide.json (results/h200/ for the tiled layout; the sweep in
-    results/gemv_experiments/ was run at commit 8ea719b, row-major codes, where "old" is the
-    hand-pipelined _gemv_kernel)."""
+    kernels_sweep_gemv_wide.json (earlier sweeps are in the history: commit a566059 has
+    benchmarks/results/h200/ for the tiled layout and benchmarks/results/gemv_experiments/, run at commit
+    8ea719b on row-major codes, where "old" is the hand-pipelined _gemv_kernel)."""
     from salience.kernels import triton_int4 as T
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    # (session 4: small BLOCK_N 16/32 without split-K, 8 warps and waves 1 never won on the H200; see
-    # results/h200/sweep_gemv.log) step_sum: the accumulator summed over words every step (fewer registers)
-    # h2: the fp16x2 math (session 7; its first sweep: h200/s7/run2 with benchmarks/lab/gemv_lab.py --h2)
+    # (small BLOCK_N 16/32 without split-K, 8 warps and waves 1 never won on the H200; see
+    # benchmarks/results/h200/sweep_gemv.log at commit a566059)
+    # step_sum: the accumulator summed over words every step (fewer registers)
+    # h2: the fp16x2 math (its first sweep: benchmarks/results/h200/s7/run2/ at commit a566059, made with
+    # benchmarks/lab/gemv_lab.py --h2)
     cfgs = [dict(block_n=128, num_warps=nw, stages=st, waves=wv, wide=u, h2=True)
             for u, nw in ((1, 2), (1, 1), (2, 2), (1, 4)) for st in (3, 4) for wv in (3, 4, 6, 8)]
     cfgs += [dict(block_n=128, num_warps=4, stages=3, waves=wv, wide=u, step_sum=False, h2=False)
@@ -544,7 +546,7 @@ def floor_m1(out_dir):
     """The fixed cost of the M = 1 GEMV: an empty Triton kernel, the GEMV's variants (stages, step sum) and
     the GEMM run at M = 1 (BLOCK_N, split), on a tiny matrix and the narrow 7B/8B shapes. (Written after
     sweep_split printed 6.5 us for a 128 x 128 GEMV; that was the first timing of its process, not the
-    kernel: 2.3 us here, results/h200/s5/run4/.) Writes kernels_floor_m1.json."""
+    kernel: 2.3 us here, benchmarks/results/h200/s5/run4/ at commit a566059.) Writes kernels_floor_m1.json."""
     import triton
     import triton.language as tl
 

@@ -13,8 +13,8 @@ measurement of the quantization, model loading excluded) and peak host memory (i
 are recorded.
 
 Cells are cached in benchmarks/results/quality.json as they finish, so an interrupted run continues and
-settings can be added run by run; `--redo` recomputes. Writes quality.md and .json;
-`python scripts/sync_readme_quality.py` copies its quick table into the README.
+settings can be added run by run; `--redo` recomputes. Writes quality.md and .json (docs/quality.md and the
+README's summary table quote it by hand).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's real-model table: wiki perplexity of full precision, RTN and AWQ, each measured by the
+"""A real-model table: wiki perplexity of full precision, RTN and AWQ, each measured by the
 project's own `salience eval` (AWQ: on the checkpoint written by `salience quantize`).
 
     python benchmarks/real_models.py [--windows 64|all] [--only smollm2]

@@ -1,7 +1,7 @@
 """GEMM laboratory (group size 128, bf16): the production GEMM's launch settings, and M = 1 GEMV against GEMM.
 
-History. h200/s10/run1 (`benchmarks/results/h200/s10/run1/gemm_lab.log`, code at commit d320148, the layout
-before 8a23aa7) compared the GEMM of that time (8 dots a unit on [BN, 16] slices of B + q, 3 integer ops a
+History. A run on an H200 (`benchmarks/results/h200/s10/run1/gemm_lab.log` at commit a566059; code at commit
+d320148, the layout before 8a23aa7) compared the GEMM of that time (8 dots a unit on [BN, 16] slices of B + q, 3 integer ops a
 code, per-token x sums for the zero points) with two variants written in this file:
   - "pair": one shift and one LOP3 per two codes (nibbles j, j + 4 of a word as one 32-bit pair of 16-bit
     floats), x gathered to match: 1.5-6x slower (Triton could not pipeline the gathered x loads);

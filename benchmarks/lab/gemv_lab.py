@@ -8,7 +8,8 @@ is the floor that any cheaper dequantization math can reach with this structure.
 
     python benchmarks/lab/gemv_lab.py --out DIR
 
-(Its first fp16x2 GEMV, swept with --h2 in h200/s7/run2, lived here at commit 8991c15; it is now the
+(Its first fp16x2 GEMV, swept with --h2 (benchmarks/results/h200/s7/run2/ at commit a566059), lived here at
+commit 8991c15; it is now the
 H2 math of salience/kernels/triton_int4.py's _gemv_wide_kernel, swept by int4_kernels.py --sweep-gemv.)
 """
 
